@@ -1,0 +1,15 @@
+# The two commands (README): `make run` (main job) and `make test`. Both bootstrap first.
+PY := .venv/bin/python
+
+.PHONY: setup run test bench
+setup:
+	bash scripts/bootstrap.sh
+
+run: setup
+	$(PY) scripts/oboro-main
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/forward_vs_nextdit.py

@@ -1,0 +1,10 @@
+"""ComfyUI entry point of the oboro extension (V3 schema).
+
+The node modules import ComfyUI, so they load lazily here: importing this package alone (tests,
+training scripts) pulls in only the pure-PyTorch core.
+"""
+
+
+async def comfy_entrypoint():
+    from .nodes import OboroExtension
+    return OboroExtension()

@@ -1,0 +1,14 @@
+"""ComfyUI adapters for oboro. Only ever imported relatively, from this extension's package."""
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .loader import OboroModelLoader
+
+
+class OboroExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [OboroModelLoader]

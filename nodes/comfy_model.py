@@ -1,0 +1,112 @@
+"""The MMH-DiT as a ComfyUI MODEL: BaseModel/supported-model glue, ops and attention injection.
+
+Sign convention, in this one place. ComfyUI's flow models (ModelType.FLOW, CONST sampling) use
+sigma=1 for noise and expect a prediction v with denoised = x - sigma * v. oboro (I-CFM) uses
+t=1 for data and predicts u = x1 - x0. With x = sigma*x0 + (1-sigma)*x1 these agree when
+    t = 1 - sigma   and   v = -u.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.ldm.common_dit
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models_base
+import comfy.utils
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..oboro_model import MMHDiT, OboroConfig, read_checkpoint
+from ..oboro_model.checkpoint import check_state_dict
+
+log = logging.getLogger("oboro")
+
+WEIGHT_DTYPES = {
+    "default": None,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+
+def comfy_attention(q, k, v, mask=None):
+    """Our attention contract on top of whatever kernel ComfyUI picked (sdpa, xformers, sage...)."""
+    return optimized_attention(q, k, v, q.shape[1], mask=mask, skip_reshape=True)
+
+
+class OboroComfyDiT(MMHDiT):
+    """Built by BaseModel as `unet_model(**unet_config, device, operations)`; same state-dict keys
+    as MMHDiT, so LoRA key mapping and our checkpoints need no translation."""
+
+    def __init__(self, oboro_config: dict, image_model=None, device=None, dtype=None, operations=None):
+        super().__init__(OboroConfig.from_dict(oboro_config), operations=operations or torch.nn,
+                         attention=comfy_attention, device=device, dtype=dtype)
+        self.dtype = dtype
+
+    def forward(self, x, timesteps, context, attention_mask=None, transformer_options={}, **kwargs):
+        h, w = x.shape[-2:]
+        p = self.config.patch_size
+        x = comfy.ldm.common_dit.pad_to_patch_size(x, (p, p))
+        u = super().forward(x, 1.0 - timesteps, context, attention_mask)
+        return -u[..., :h, :w]
+
+
+class OboroBaseModel(comfy.model_base.BaseModel):
+    def __init__(self, model_config, device=None):
+        super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=OboroComfyDiT)
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        cross_attn = kwargs.get("cross_attn")
+        if cross_attn is not None:
+            # CONDCrossAttn would repeat short prompts to a common length, which breaks the padding
+            # mask; CONDRegular only batches equal lengths and runs the rest separately.
+            out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            out["attention_mask"] = comfy.conds.CONDRegular(mask)
+        return out
+
+
+class OboroSupported(comfy.supported_models_base.BASE):
+    unet_config = {"image_model": "oboro"}
+    unet_extra_config = {}
+    # I-CFM with uniform t needs no time shift; ModelSamplingSD3 can add one.
+    sampling_settings = {"multiplier": 1.0, "shift": 1.0}
+    latent_format = comfy.latent_formats.Flux
+    memory_usage_factor = 1.4
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+
+    def __init__(self, unet_config):
+        super().__init__(unet_config)
+        if unet_config["oboro_config"]["in_channels"] == 3:
+            self.latent_format = comfy.latent_formats.ChromaRadiance()  # identity pixel-space format
+
+    def get_model(self, state_dict, prefix="", device=None):
+        return OboroBaseModel(self, device=device)
+
+
+def load_oboro_model(path: str, weight_dtype: str = "default", key_map=None) -> comfy.model_patcher.ModelPatcher:
+    """Build a ModelPatcher the way comfy.sd.load_diffusion_model_state_dict does for core models."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    sd, config, _ = read_checkpoint(path, key_map=key_map)
+    model_config = OboroSupported({"image_model": "oboro", "oboro_config": config.to_dict()})
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    unet_dtype = WEIGHT_DTYPES[weight_dtype] or mm.unet_dtype(
+        model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=model_config.supported_inference_dtypes,
+        weight_dtype=comfy.utils.weight_dtype(sd))
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(unet_dtype, manual_cast)
+    model = model_config.get_model(sd, device=offload_device)
+    check_state_dict(model.diffusion_model, sd, str(path))
+    model.load_model_weights(sd, "")
+    log.info("oboro: loaded %s (%d layers, heads %s) as %s", path, config.depth, list(config.heads), unet_dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

@@ -1,0 +1,32 @@
+"""OboroModelLoader: an oboro .safetensors from models/diffusion_models -> MODEL."""
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from .comfy_model import WEIGHT_DTYPES, load_oboro_model
+
+
+class OboroModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OboroModelLoader",
+            display_name="Load oboro Model",
+            category="oboro",
+            description="Loads an oboro MMH-DiT checkpoint (e.g. oboro-base-v1-1b.safetensors) from "
+                        "models/diffusion_models as a MODEL usable by KSampler and other core nodes.",
+            inputs=[
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="File in models/diffusion_models."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Storage dtype of the weights. fp8 halves memory; compute runs in "
+                                       "the device's inference dtype."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        return io.NodeOutput(load_oboro_model(path, weight_dtype))

@@ -1,0 +1,1 @@
+"""Headless execution of ComfyUI graphs (embedded executor, and later the oboro-run CLI)."""

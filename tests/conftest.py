@@ -1,0 +1,35 @@
+"""Test set-up: this repo as package `oboro` (never on sys.path itself), ComfyUI importable,
+and a session-wide embedded ComfyUI with temporary model folders for integration tests."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import oboro_env  # noqa: E402
+
+oboro_env.add_comfy_to_path()
+from comfy.cli_args import args  # noqa: E402  (must precede any comfy.model_management import)
+
+args.cpu = os.environ.get("OBORO_TEST_GPU") != "1"
+oboro_env.import_oboro()
+
+MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """ComfyUI 0.3.75 loaded in this process with core nodes and our extension from custom_nodes."""
+    from oboro.runner import embedded
+    root = tmp_path_factory.mktemp("comfy")
+    dirs = {k: root / "models" / k for k in MODEL_KINDS}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    (root / "output").mkdir()
+    embedded.start(cpu=args.cpu, output_dir=str(root / "output"), model_dirs={k: str(v) for k, v in dirs.items()})
+    return SimpleNamespace(run=embedded.run, validate=embedded.validate, models=root / "models",
+                           output=root / "output", embedded=embedded)
