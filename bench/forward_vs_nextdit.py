@@ -19,18 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import oboro_env  # noqa: E402
 
-oboro_env.add_comfy_to_path()
-from comfy.cli_args import args as comfy_args  # noqa: E402
-
-comfy_args.cpu = True
-import torch  # noqa: E402
-import comfy.ops  # noqa: E402
-from comfy.ldm.lumina.model import NextDiT  # noqa: E402
-from comfy.ldm.modules.attention import optimized_attention  # noqa: E402
-
-oboro = oboro_env.import_oboro()
-from oboro.oboro_model import MMHDiT, OboroConfig, head_schedule  # noqa: E402
-
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--hidden", type=int, default=768)
 p.add_argument("--depth", type=int, default=8)
@@ -44,7 +32,23 @@ p.add_argument("--batch", type=int, default=2)
 p.add_argument("--runs", type=int, default=5)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--comfy-attention", choices=["default", "pytorch"], default="default",
+               help="ComfyUI's CPU default (sub-quadratic) or --use-pytorch-cross-attention (SDPA)")
 a = p.parse_args()
+
+oboro_env.add_comfy_to_path()
+from comfy.cli_args import args as comfy_args  # noqa: E402
+
+comfy_args.cpu = True
+comfy_args.use_pytorch_cross_attention = a.comfy_attention == "pytorch"
+import torch  # noqa: E402
+import comfy.ops  # noqa: E402
+from comfy.ldm.lumina.model import NextDiT  # noqa: E402
+from comfy.ldm.modules.attention import optimized_attention  # noqa: E402
+
+oboro = oboro_env.import_oboro()
+from oboro.oboro_model import MMHDiT, OboroConfig, head_schedule  # noqa: E402
+
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
 
