@@ -6,9 +6,12 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .loader import OboroModelLoader
+from .sampling import EmptyOboroLatentImage, OboroFlowScheduler, OboroSampler, SamplerOboroICFM
+from .text_encoder import OboroT5Loader, OboroTextEncode
 
 
 class OboroExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [OboroModelLoader]
+        return [OboroModelLoader, OboroT5Loader, OboroTextEncode,
+                OboroSampler, OboroFlowScheduler, SamplerOboroICFM, EmptyOboroLatentImage]
