@@ -43,6 +43,17 @@ if [ "$(cd .comfyui/custom_nodes && pwd -P)" != "$(cd .. && pwd -P)" ]; then
   ln -sfn "$ROOT" .comfyui/custom_nodes/comfyui-oboro
 fi
 
+# ---- Chromium for the browser test (Debian's; Playwright drives it, never downloads one) ------
+if [ ! -x /usr/bin/chromium ] && [ "${OBORO_SKIP_CHROMIUM:-}" != 1 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian's chromium for the browser test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+      || log "WARNING: could not install chromium; the browser test will be skipped"
+  else
+    log "WARNING: /usr/bin/chromium missing and not root; the browser test will be skipped"
+  fi
+fi
+
 # ---- Python environment ----------------------------------------------------------------------
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp_src="$(cat requirements.txt requirements-dev.txt .comfyui/requirements.txt; echo "$TORCH_PINS")"

@@ -1,0 +1,279 @@
+"""The training loop: seeded data order, I-CFM loss, accumulation, AMP, clipping, spike guard, EMA
+and resumable checkpoints, in plain PyTorch (one process; DDP is left to a wrapper).
+
+Reproducibility is by construction: the data order comes from `data_gen` and every random draw
+of a step (t, x0, caption dropout, eps) from `noise_gen`, both saved in checkpoints; all of a
+step's randomness is drawn up front for its batch_size * grad_accum samples, so accumulating
+2 x B equals one batch of 2B. Only parameters with requires_grad are trained and saved, so a
+LoRA-wrapped model trains the same way.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .loss import T_SAMPLING, caption_dropout_mask, drop_captions, icfm_loss, sample_t
+from .optim import EMA, LRSchedule, build_optimizer, build_scheduler, is_schedule_free
+from .spike_guard import SpikeGuard
+from .state import capture, checkpoint_path, latest_checkpoint, prune_checkpoints, read_state, restore, write_state
+
+logger = logging.getLogger(__name__)
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StopTraining(Exception):
+    """Raise from the callback to end training cleanly: a checkpoint is saved and train() returns."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                  # total optimiser updates (the LR schedule spans these)
+    batch_size: int = 4                # per micro-batch
+    grad_accum: int = 1                # micro-batches per update
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"           # adamw | schedulefree | adamw8bit
+    warmup: int = 0
+    schedule: str = "constant"         # constant | cosine | linear | step
+    min_lr_ratio: float = 0.0
+    step_size: int = 1000              # "step" schedule: decay every step_size updates...
+    step_gamma: float = 0.5            # ...by this factor
+    clip_grad_norm: Optional[float] = 1.0  # None or 0: no clipping
+    precision: str = "no"              # no | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    gradient_checkpointing: bool = False
+    ema_decay: Optional[float] = None  # e.g. 0.999; None: no EMA
+    caption_dropout: float = 0.1       # p of training a sample unconditionally (for CFG)
+    t_sampling: str = "uniform"        # uniform | logit_normal
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    sigma: float = 0.0                 # I-CFM path noise; 0 = rectified flow
+    spike_guard: bool = True
+    spike_k: float = 6.0
+    spike_warmup: int = 20
+    spike_factor: float = 0.5
+    seed: int = 0
+    checkpoint_every: int = 0          # 0: only at the end and on interrupt
+    keep_last: int = 3                 # <= 0 keeps all
+    output_dir: Optional[str] = None   # None: never write checkpoints
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"steps, batch_size, grad_accum must be >= 1: {self.steps}, {self.batch_size}, {self.grad_accum}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {sorted(PRECISIONS)}")
+        if self.t_sampling not in T_SAMPLING:
+            raise ValueError(f"unknown t sampling {self.t_sampling!r}; choose one of {T_SAMPLING}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
+
+def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack latents; right-pad texts of different lengths with zeros and a False mask."""
+    latent = torch.stack([it["latent"] for it in items])
+    L = max(it["text"].shape[0] for it in items)
+    text = torch.zeros(len(items), L, items[0]["text"].shape[1], dtype=items[0]["text"].dtype)
+    mask = torch.zeros(len(items), L, dtype=torch.bool)
+    for i, it in enumerate(items):
+        n = it["text"].shape[0]
+        text[i, :n] = it["text"]
+        mask[i, :n] = it["text_mask"].bool() if it.get("text_mask") is not None else True
+    return latent, text, mask
+
+
+class Trainer:
+    """Train `model` (an MMHDiT or anything with its forward) on a map-style `dataset` of
+    {"latent": [C,H,W], "text": [L,D], "text_mask": [L]}. optimizer/scheduler/guard default to
+    the ones `config` describes; a supplied scheduler must apply guard.lr_scale itself.
+    `empty_text` [Le, D] (+ `empty_mask`) is the empty-prompt embedding used for caption dropout."""
+
+    def __init__(self, model: torch.nn.Module, dataset, config: TrainConfig, optimizer=None, scheduler=None,
+                 guard: Optional[SpikeGuard] = None, empty_text: Optional[torch.Tensor] = None,
+                 empty_mask: Optional[torch.Tensor] = None):
+        c = self.config = config
+        self.model, self.dataset, self.empty_text, self.empty_mask = model, dataset, empty_text, empty_mask
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no parameters with requires_grad=True")
+        self.device = self.params[0][1].device
+        self.input_dtype = next(model.parameters()).dtype
+        for m in model.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = c.gradient_checkpointing
+        self.optimizer = optimizer or build_optimizer((p for _, p in self.params), c.optimizer, c.lr,
+                                                      c.weight_decay, warmup_steps=c.warmup)
+        self.guard = guard if guard is not None else (
+            SpikeGuard(c.spike_k, c.spike_warmup, c.spike_factor) if c.spike_guard else None)
+        self.schedule_free = is_schedule_free(self.optimizer)
+        if self.schedule_free and c.schedule != "constant":
+            raise ValueError("ScheduleFree replaces the LR schedule: use schedule='constant' (warm-up is its own)")
+        self.schedule = LRSchedule(c.steps, 0 if self.schedule_free else c.warmup, c.schedule, c.min_lr_ratio,
+                                   c.step_size, c.step_gamma)
+        self.scheduler = scheduler or build_scheduler(
+            self.optimizer, self.schedule, (lambda: self.guard.lr_scale) if self.guard is not None else None)
+        self.ema = EMA(self.params, c.ema_decay) if c.ema_decay else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
+        self.data_gen = torch.Generator().manual_seed(c.seed)
+        self.noise_gen = torch.Generator().manual_seed(c.seed + 0x5EED)
+        self.order, self.epoch, self.pos, self.step = torch.zeros(0, dtype=torch.long), 0, 0, 0
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self._saved_step: Optional[int] = None
+        self._committing = False
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _next_indices(self, n: int) -> list[int]:
+        """The next n dataset indices; a fresh seeded permutation per epoch (batches may span two)."""
+        out: list[int] = []
+        while len(out) < n:
+            if self.pos >= len(self.order):
+                self.order, self.pos = torch.randperm(len(self.dataset), generator=self.data_gen), 0
+                self.epoch += 1
+            take = min(n - len(out), len(self.order) - self.pos)
+            out += self.order[self.pos:self.pos + take].tolist()
+            self.pos += take
+        return out
+
+    def _snapshot(self):
+        return self.order, self.epoch, self.pos, self.data_gen.get_state(), self.noise_gen.get_state()
+
+    def _rollback(self, snap) -> None:
+        self.order, self.epoch, self.pos, data, noise = snap
+        self.data_gen.set_state(data)
+        self.noise_gen.set_state(noise)
+
+    # ---- one update -----------------------------------------------------------------------------
+    def train_step(self) -> float:
+        """One optimiser update over batch_size * grad_accum samples; returns the mean loss.
+        An exception before the update rolls data/RNG back, so the step can be redone exactly."""
+        c, B, dev = self.config, self.config.batch_size, self.device
+        n, amp = B * c.grad_accum, PRECISIONS[c.precision]
+        if self.schedule_free:
+            self.optimizer.train()
+        self.model.train()
+        snap = self._snapshot()
+        try:
+            items = [self.dataset[i] for i in self._next_indices(n)]
+            shape, g = items[0]["latent"].shape, self.noise_gen
+            t = sample_t(n, g, c.t_sampling, c.t_mean, c.t_std)
+            x0 = torch.randn((n, *shape), generator=g)
+            drop = caption_dropout_mask(n, c.caption_dropout, g)
+            eps = torch.randn((n, *shape), generator=g) if c.sigma else None
+            self.optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=dev)
+            for i in range(c.grad_accum):
+                sl = slice(i * B, (i + 1) * B)
+                x1, text, mask = collate(items[sl])
+                text, mask = drop_captions(text, mask, drop[sl], self.empty_text, self.empty_mask)
+                cast = dict(device=dev, dtype=self.input_dtype)
+                with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                    loss = icfm_loss(self.model, x1.to(**cast), text.to(**cast), mask.to(dev), t[sl].to(dev),
+                                     x0[sl].to(**cast), c.sigma, None if eps is None else eps[sl].to(**cast))
+                loss = loss / c.grad_accum
+                self.scaler.scale(loss).backward()
+                total += loss.detach()
+            value = total.item()
+        except BaseException:
+            self._rollback(snap)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        return self._update(value)
+
+    def _update(self, loss: float) -> float:
+        """Guard, unscale, clip, step, EMA, schedule. Non-finite losses/gradients never step."""
+        c, step, params = self.config, self.step + 1, [p for _, p in self.params]
+        self.last_lr = lr = self.optimizer.param_groups[0]["lr"]
+        self._committing = True
+        if self.guard is not None:
+            skip = self.guard.check(step, loss, lr)
+        elif (skip := not math.isfinite(loss)):
+            logger.warning("non-finite loss %s at step %d: update skipped", loss, step)
+        if not skip:
+            self.scaler.unscale_(self.optimizer)
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = (torch.nn.utils.clip_grad_norm_(params, c.clip_grad_norm) if c.clip_grad_norm
+                    else torch.nn.utils.get_total_norm(grads))
+            if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
+                skip = True  # fp16 leaves inf grads to the GradScaler, which skips and lowers its scale
+                if self.guard is not None:
+                    self.guard.reject(step, loss, f"non-finite gradient norm {float(norm)}", lr)
+                else:
+                    logger.warning("non-finite gradient norm at step %d: update skipped", step)
+            if not skip:
+                self.scaler.step(self.optimizer)
+                if self.ema is not None:
+                    self.ema.update(self.params)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step = step
+        self._committing = False
+        return loss
+
+    # ---- loop and checkpoints -------------------------------------------------------------------
+    def train(self, callback: Optional[Callable[[int, float, float, float], None]] = None,
+              until: Optional[int] = None) -> list[float]:
+        """Run to `config.steps` (or stop at step `until`); returns this call's losses.
+        callback(step, loss, lr, it_per_s) runs after each update; if it raises (or on Ctrl-C) a
+        resumable checkpoint is saved first. StopTraining from it ends the run normally."""
+        c, end, losses = self.config, min(until or self.config.steps, self.config.steps), []
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                rate = 1.0 / max(time.perf_counter() - t0, 1e-9)
+                losses.append(loss)
+                if c.output_dir and c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                    self.save()
+                if callback is not None:
+                    try:
+                        callback(self.step, loss, self.last_lr, rate)
+                    except StopTraining:
+                        logger.info("training stopped by the callback at step %d", self.step)
+                        break
+                    except BaseException:
+                        self._save_on_interrupt()
+                        raise
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
+        if c.output_dir and self._saved_step != self.step:
+            self.save()
+        return losses
+
+    def _save_on_interrupt(self) -> None:
+        if not self.config.output_dir:
+            logger.warning("training interrupted at step %d; no output_dir, so no checkpoint", self.step)
+            return
+        if self._committing:
+            logger.warning("interrupted inside the optimiser update of step %d: this state may not resume "
+                           "exactly", self.step + 1)
+        if self._saved_step != self.step:
+            logger.warning("training interrupted at step %d: saved %s", self.step, self.save())
+
+    def save(self, path=None) -> Path:
+        """Write the full training state (atomic) and prune to the newest keep_last."""
+        if path is None:
+            if not self.config.output_dir:
+                raise ValueError("save() needs a path or config.output_dir")
+            path = checkpoint_path(self.config.output_dir, self.step)
+        tensors, meta = capture(self)
+        path = write_state(path, tensors, meta)
+        if self.config.output_dir and Path(path).parent == Path(self.config.output_dir):
+            prune_checkpoints(self.config.output_dir, self.config.keep_last)
+        self._saved_step = self.step
+        logger.info("saved training state at step %d to %s", self.step, path)
+        return path
+
+    def resume(self, path_or_dir) -> Path:
+        """Restore everything from a checkpoint file, or the newest one in a directory."""
+        path = latest_checkpoint(path_or_dir)
+        tensors, meta = read_state(path)
+        restore(self, tensors, meta, str(path))
+        self._saved_step = self.step
+        logger.info("resumed from %s at step %d", path, self.step)
+        return path

@@ -1,0 +1,326 @@
+"""End to end in a real browser: a ComfyUI 0.3.75 server (CPU, 127.0.0.1) with this extension and
+tiny models saved under the shipped template's model names; Debian's Chromium, headless, driven
+by Playwright. The template comes from the frontend's own template browser (sidebar "Templates",
+our extension's section, the oboro_txt2img card); the run starts from the Run button.
+
+The screenshot is kept as a test artifact: test-artifacts/browser_txt2img.png under the repo root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import oboro_env  # scripts/ is put on sys.path by conftest.py
+from oboro.oboro_model import MMHDiT, preset, save_checkpoint
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TEMPLATE = "oboro_txt2img"
+# Model file names the shipped template uses; the tiny stand-ins are saved under them.
+DIT_NAME, T5_NAME, VAE_NAME = "oboro-base-v1-1b.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"
+ARTIFACTS = oboro_env.REPO / "test-artifacts"
+SCREENSHOT = ARTIFACTS / "browser_txt2img.png"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+IMAGE_TIMEOUT_S = 180
+# The frontend's dialog when a workflow uses unknown node types (1.32: "This workflow has missing
+# nodes"; older releases: "...the following node types were not found").
+MISSING_NODES_TEXT = re.compile(r"missing nodes|node types were not found|some nodes are missing", re.I)
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"{CHROMIUM} missing: install Debian's chromium (scripts/bootstrap.sh does, as root)")
+
+
+# --- tiny models under the real names -------------------------------------------------------
+
+def save_tiny_models(models: Path) -> None:
+    from transformers import T5Config, T5EncoderModel
+    for kind in ("diffusion_models", "text_encoders", "vae"):
+        (models / kind).mkdir(parents=True)
+    torch.manual_seed(0)
+    dit = MMHDiT(preset("tiny", in_channels=16, text_dim=32))
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_checkpoint(models / "diffusion_models" / DIT_NAME, dit.eval())
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                                 feed_forward_proj="gated-gelu"))
+    save_file({k: v.contiguous().clone() for k, v in t5.state_dict().items()},
+              str(models / "text_encoders" / T5_NAME))
+    save_file(random_flux_vae(), str(models / "vae" / VAE_NAME))
+
+
+def random_flux_vae() -> dict:
+    """A randomly initialised VAE with FLUX ae.safetensors' architecture and keys (encoder.*,
+    decoder.*; ch 128, ch_mult 1,2,4,4, z 16, no quant convs), in fp16 as shipped. Core
+    VAELoader recognises it from the state dict alone."""
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    sd = {}
+    torch.manual_seed(0)
+    for prefix, module in (("encoder", Encoder(**ddconfig)), ("decoder", Decoder(**ddconfig))):
+        for sub in module.modules():  # comfy's ops skip weight init; use torch's
+            for base in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm):
+                if isinstance(sub, base):
+                    base.reset_parameters(sub)
+        sd.update({f"{prefix}.{k}": v.to(torch.float16).contiguous() for k, v in module.state_dict().items()})
+    return sd
+
+
+# --- the server --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, timeout: float = 10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class Server:
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.output = root / "output"
+        self.log_path = root / "server.log"
+        self.proc = None
+
+    def start(self, timeout: float = 180):
+        for d in ("output", "input", "temp", "user/default"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        paths = self.root / "extra_model_paths.yaml"
+        paths.write_text(f"oboro_browser_test:\n  base_path: {self.root / 'models'}\n  is_default: true\n"
+                         "  diffusion_models: diffusion_models\n  text_encoders: text_encoders\n  vae: vae\n")
+        # A fresh user: skip the first-run template pop-up (the test opens the browser itself) and
+        # keep the missing-node/model warnings on whatever the defaults become.
+        (self.root / "user/default/comfy.settings.json").write_text(json.dumps({
+            "Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingNodesWarning": True,
+            "Comfy.Workflow.ShowMissingModelsWarning": True}))
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--extra-model-paths-config", str(paths), "--output-directory", str(self.output),
+               "--input-directory", str(self.root / "input"), "--temp-directory", str(self.root / "temp"),
+               "--user-directory", str(self.root / "user"), "--database-url", "sqlite:///:memory:",
+               "--disable-auto-launch", "--disable-api-nodes"]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=oboro_env.comfy_path(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} while starting\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ComfyUI did not answer on {self.url} within {timeout}s\n{self.log()}")
+            time.sleep(0.5)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(15)
+            except ProcessLookupError:
+                pass
+        if self.proc:
+            self._log.close()
+
+    def log(self, tail: int = 20000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return f"----- ComfyUI server log ({self.log_path}) -----\n{text[-tail:]}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    save_tiny_models(root / "models")
+    srv = Server(root)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (its own fresh temporary profile); each test gets a new, empty context."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def our_extension_name() -> str:
+    """ComfyUI names a custom node's templates after its folder in custom_nodes/ (the bootstrap
+    links this repo as comfyui-oboro)."""
+    custom_nodes = oboro_env.comfy_path() / "custom_nodes"
+    for entry in sorted(custom_nodes.iterdir()):
+        if entry.is_dir() and entry.resolve() == oboro_env.REPO.resolve():
+            return entry.name
+    pytest.fail(f"this repo is not linked into {custom_nodes}; run scripts/bootstrap.sh")
+
+
+# --- page helpers ------------------------------------------------------------------------------
+
+def open_app(browser, server, console: list):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})  # a fresh context: no stored workflow
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    page.goto(server.url + "/")
+    page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
+                           "Object.keys(LiteGraph.registered_node_types).length > 0", timeout=90_000)
+    page.get_by_role("button", name="Run", exact=True).wait_for(timeout=60_000)
+    return page
+
+
+def missing_nodes_dialogs(page) -> list[str]:
+    dialogs = page.get_by_role("dialog")
+    texts = [dialogs.nth(i).inner_text() for i in range(dialogs.count())]
+    return [t for t in texts if MISSING_NODES_TEXT.search(t)]
+
+
+def diagnose(page, server, console, name):
+    """On failure: keep a screenshot, print the browser console and the server log."""
+    if page is not None:
+        try:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / f"{name}_failure.png"), full_page=True)
+        except Exception as e:  # the page may be gone
+            print(f"(no failure screenshot: {e})")
+    print("----- browser console (errors, warnings) -----\n" + "\n".join(console[-200:]))
+    print(server.log())
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+def test_txt2img_template_runs_in_browser(server, browser):
+    ext = our_extension_name()
+    listed = http_json(server.url + "/workflow_templates")
+    assert TEMPLATE in listed.get(ext, []), f"{TEMPLATE} not among {ext}'s templates: {listed}"
+    object_info = http_json(server.url + "/object_info", timeout=60)
+
+    console, page = [], None
+    t0 = time.monotonic()
+    try:
+        page = open_app(browser, server, console)
+
+        # The template browser, as a user opens it: sidebar "Templates" -> our extension -> the card.
+        page.locator('button[aria-label="Templates"]').click()
+        dialog = page.locator(".workflow-template-selector-dialog")
+        dialog.wait_for(timeout=30_000)
+        dialog.get_by_role("button", name=ext, exact=True).click()
+        dialog.get_by_test_id(f"template-workflow-{TEMPLATE}").click()
+        dialog.wait_for(state="detached", timeout=60_000)
+        page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'OboroSampler')", timeout=30_000)
+        page.wait_for_timeout(1000)  # a missing-nodes dialog would open right after the graph loads
+
+        assert not missing_nodes_dialogs(page), f"missing-nodes dialog shown: {missing_nodes_dialogs(page)}"
+        assert not MISSING_NODES_TEXT.search(page.locator("body").inner_text())
+        graph = page.evaluate("""() => app.graph.nodes.map(n => ({id: n.id, type: n.type, virtual: !!n.isVirtualNode,
+                                   registered: n.type in LiteGraph.registered_node_types}))""")
+        assert all(n["registered"] for n in graph), f"unregistered node types: {graph}"
+        assert all(n["type"] in object_info for n in graph if not n["virtual"]), f"unknown to the server: {graph}"
+        types = [n["type"] for n in graph]
+        for want in ("OboroModelLoader", "OboroT5Loader", "VAELoader", "OboroTextEncode", "EmptyOboroLatentImage",
+                     "OboroSampler", "VAEDecode", "SaveImage"):
+            assert want in types, f"{want} not in the loaded template: {types}"
+        assert types.count("SaveImage") == 1 and types.count("EmptyOboroLatentImage") == 1
+        save_id = str(next(n["id"] for n in graph if n["type"] == "SaveImage"))
+
+        # CPU-sized run: 64x64, 2 steps, set on the nodes' widgets.
+        page.evaluate("""() => {
+            const set = (type, name, v) => {
+                const w = app.graph.nodes.find(n => n.type === type).widgets.find(w => w.name === name);
+                w.value = v; w.callback?.(v);
+            };
+            set('EmptyOboroLatentImage', 'width', 64); set('EmptyOboroLatentImage', 'height', 64);
+            set('OboroSampler', 'steps', 2);
+            app.graph.setDirtyCanvas(true, true);
+        }""")
+
+        page.get_by_role("button", name="Run", exact=True).click()
+        image_js = """() => [...document.querySelectorAll('img')].some(i => /\\/view\\?filename=/.test(i.src) &&
+                                                                       i.complete && i.naturalWidth > 0)"""
+        deadline = time.monotonic() + IMAGE_TIMEOUT_S
+        done = None
+        while True:
+            for entry in http_json(server.url + "/history").values():
+                status = entry.get("status", {})
+                assert status.get("status_str") != "error", f"the run failed: {json.dumps(status)[:4000]}"
+                if status.get("completed") and save_id in entry.get("outputs", {}):
+                    done = entry
+            if done and page.evaluate(image_js):
+                break
+            assert time.monotonic() < deadline, (f"no image in the page after {IMAGE_TIMEOUT_S}s "
+                                                 f"(server run finished: {bool(done)})")
+            page.wait_for_timeout(500)
+
+        image = done["outputs"][save_id]["images"][0]
+        out = server.output / image["subfolder"] / image["filename"]
+        from PIL import Image
+        with Image.open(out) as im:
+            assert im.size == (64, 64), im.size
+        shown = page.evaluate("() => [...document.querySelectorAll('img')].map(i => i.src)")
+        assert any(f"filename={image['filename']}" in s for s in shown), shown
+
+        fit = page.locator('button[aria-label^="Fit View"]')  # whole graph in the screenshot
+        if fit.count():
+            fit.first.click()
+            page.wait_for_timeout(700)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT))
+        data = SCREENSHOT.read_bytes()
+        assert len(data) > len(PNG_MAGIC) and data.startswith(PNG_MAGIC)
+        (ARTIFACTS / "browser_txt2img_failure.png").unlink(missing_ok=True)  # stale, from an earlier run
+        print(f"\nbrowser txt2img: {time.monotonic() - t0:.1f}s from page load to image; screenshot {SCREENSHOT}")
+    except BaseException:
+        diagnose(page, server, console, "browser_txt2img")
+        raise
+    finally:
+        if page is not None:
+            page.close()
+
+
+def test_missing_node_warning_is_detected(server, browser):
+    """The check used below is not vacuous: an unknown node type raises the frontend's dialog."""
+    console, page = [], None
+    try:
+        page = open_app(browser, server, console)
+        wf = json.loads((oboro_env.REPO / "workflows" / f"{TEMPLATE}.json").read_text())
+        wf["nodes"][0]["type"] = "OboroNoSuchNodeForTheTest"
+        page.evaluate("wf => app.loadGraphData(wf)", wf)
+        page.get_by_role("dialog").filter(has_text=MISSING_NODES_TEXT).first.wait_for(timeout=30_000)
+        assert any("OboroNoSuchNodeForTheTest" in t for t in missing_nodes_dialogs(page))
+    except BaseException:
+        diagnose(page, server, console, "browser_missing_nodes")
+        raise
+    finally:
+        if page is not None:
+            page.close()
