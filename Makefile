@@ -6,7 +6,7 @@ setup:
 	bash scripts/bootstrap.sh
 
 run: setup
-	$(PY) scripts/oboro-main
+	$(PY) scripts/oboro-main $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q

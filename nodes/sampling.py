@@ -196,12 +196,23 @@ class EmptyOboroLatentImage(io.ComfyNode):
             outputs=[io.Latent.Output()],
         )
 
-    @classmethod
-    def execute(cls, width, height, batch_size=1, channels="16 (FLUX VAE)") -> io.NodeOutput:
+    @staticmethod
+    def size_error(width, height):
         for name, v in (("width", width), ("height", height)):
             if v % SIZE_MULTIPLE or v < SIZE_MULTIPLE:
-                raise ValueError(f"{name} {v} is not a multiple of {SIZE_MULTIPLE} (VAE 8 x patch 2); "
-                                 f"nearest valid: {nearest_sizes(v)}")
+                return (f"{name} {v} is not a multiple of {SIZE_MULTIPLE} (VAE 8 x patch 2); "
+                        f"nearest valid: {nearest_sizes(v)}")
+        return None
+
+    @classmethod
+    def validate_inputs(cls, width=SIZE_MULTIPLE, height=SIZE_MULTIPLE, **kwargs):
+        """Lets ComfyUI's validator (and `oboro-run --check`) reject a bad size before running."""
+        return cls.size_error(width, height) or True
+
+    @classmethod
+    def execute(cls, width, height, batch_size=1, channels="16 (FLUX VAE)") -> io.NodeOutput:
+        if err := cls.size_error(width, height):
+            raise ValueError(err)
         if channels not in CHANNELS:
             raise ValueError(f"channels must be one of {list(CHANNELS)}, got {channels!r}")
         c = CHANNELS[channels]

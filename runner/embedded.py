@@ -62,6 +62,10 @@ def start(cpu: bool = True, output_dir: Optional[str] = None, model_dirs: Option
             folder_paths.add_model_folder_path(kind, str(p), is_default=True)
     if _started:
         return
+    try:  # ComfyUI's `utils` package must be imported before its nodes.py puts comfy/ (which has a
+        import utils.install_util  # noqa: F401   utils.py) first on sys.path; comfy_extras need it.
+    except ImportError:
+        pass
     comfy_nodes = importlib.import_module("nodes")  # ComfyUI's top-level module, not ours
     asyncio.run(comfy_nodes.init_extra_nodes(init_custom_nodes=custom_nodes, init_api_nodes=False))
     _install_progress_hook()
@@ -95,8 +99,9 @@ def validate(prompt: dict) -> list[str]:
     return outputs
 
 
-def run(prompt: dict, server: Optional[HeadlessServer] = None, executor=None) -> dict:
-    """Validate then execute; returns ComfyUI's history result {"outputs": {node_id: ui}}."""
+def run(prompt: dict, server: Optional[HeadlessServer] = None, executor=None, client_id: str = "headless") -> dict:
+    """Validate then execute; returns ComfyUI's history result {"outputs": {node_id: ui}}.
+    With a client id ComfyUI reports per-node events to `server` (as it would to a browser)."""
     import execution
     outputs = validate(prompt)
     server = server or HeadlessServer()
@@ -104,7 +109,7 @@ def run(prompt: dict, server: Optional[HeadlessServer] = None, executor=None) ->
                                                     cache_args={"lru": 0, "ram": 0})
     prompt_id = str(uuid.uuid4())
     server.last_prompt_id = prompt_id
-    executor.execute(prompt, prompt_id, {}, outputs)
+    executor.execute(prompt, prompt_id, {"client_id": client_id} if client_id else {}, outputs)
     if not executor.success:
         msgs = [d for ev, d in executor.status_messages if ev in ("execution_error", "execution_interrupted")]
         err = msgs[-1] if msgs else {}

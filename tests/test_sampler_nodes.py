@@ -245,8 +245,12 @@ def test_empty_latent_size_error(comfy):
     g = {"lat": {"class_type": "EmptyOboroLatentImage",
                  "inputs": {"width": 100, "height": 736, "batch_size": 1, "channels": "16 (FLUX VAE)"}},
          "save": {"class_type": "SaveLatent", "inputs": {"samples": ["lat", 0], "filename_prefix": "x"}}}
-    with pytest.raises(GraphError, match=r"ValueError: width 100 is not a multiple of 16.*nearest valid: 96 or 112"):
-        comfy.run(g)
+    # ComfyUI's validator rejects it before anything runs (so `oboro-run --check` catches it too)
+    with pytest.raises(GraphError, match=r"EmptyOboroLatentImage.*width 100 is not a multiple of 16.*nearest valid: 96 or 112"):
+        comfy.validate(g)
+    from oboro.nodes.sampling import EmptyOboroLatentImage
+    with pytest.raises(ValueError, match=r"width 100 is not a multiple of 16"):
+        EmptyOboroLatentImage.execute(100, 736)
     g["lat"]["inputs"].update(width=416, height=730)
     with pytest.raises(GraphError, match=r"height 730 is not a multiple of 16.*nearest valid: 720 or 736"):
         comfy.run(g)

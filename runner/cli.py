@@ -1,0 +1,246 @@
+"""`oboro-run`: run a saved ComfyUI workflow headless, one job per batch row / seed.
+
+Embedded by default (ComfyUI's own validator and PromptExecutor in this process, core nodes and
+ours); `--server URL` (repeatable) sends the jobs to running ComfyUI servers instead (remote.py).
+Every job is checked before any runs: problems exit with code 2, name each problem and leave no
+files. Images land in --out by atomic rename; each job appends one line to runs.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .convert import WorkflowError, check, combo_options, input_specs, is_ui, load, needed, to_api
+from .output import Output, Progress
+
+SEED_INPUTS = ("seed", "noise_seed")
+EPILOG = """examples:
+  oboro-run workflows/oboro_txt2img.json --out out/
+  oboro-run workflows/oboro_txt2img.json --set "Positive Prompt.text=a red fox in snow" --seeds 0:8 --out out/
+  oboro-run workflows/oboro_txt2img.json --batch prompts.csv --set OboroSampler.steps=30 --out out/
+  oboro-run workflows/oboro_img2img.json --set LoadImage.image=/abs/path/photo.png --set 9.denoise=0.5
+  oboro-run workflows/oboro_txt2img.json --seeds 0:100 --server http://gpu1:8188 --server http://gpu2:8188
+  oboro-run workflows/oboro_txt2img.json --check --models /data/models
+NODE is a node id, or a node title or type when only one node has it. Values are JSON when they
+parse (numbers, true/false) and strings otherwise. --batch rows map "NODE.input" to a value (CSV
+header row / JSON lines); an empty CSV cell leaves that input as it is.
+exit codes: 0 done, 1 some job failed while running, 2 invalid workflow/arguments (nothing run)."""
+
+
+@dataclass
+class Job:
+    index: int
+    prompt: dict
+    overrides: dict = field(default_factory=dict)
+    seed: int | None = None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="oboro-run", epilog=EPILOG, description="Run a saved ComfyUI workflow (UI or "
+                                "API format) headless.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workflow", help="workflow .json, as saved by ComfyUI (UI format) or exported (API format)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.input=value",
+                   help="override an input of every job (repeatable)")
+    p.add_argument("--batch", metavar="ROWS", help="rows.csv or rows.jsonl: one job per row of overrides")
+    p.add_argument("--seeds", metavar="A:B", help="one job per seed in range(A, B), set on every seed/noise_seed input")
+    p.add_argument("--out", default="oboro-out", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--comfyui", metavar="PATH", help="ComfyUI to run (default: $COMFYUI_PATH or the repo's .comfyui)")
+    p.add_argument("--models", action="append", default=[], metavar="DIR",
+                   help="extra model root with subfolders diffusion_models, text_encoders, vae, loras... (repeatable)")
+    p.add_argument("--server", action="append", default=[], metavar="URL",
+                   help="run on this ComfyUI server instead of in-process (repeatable: jobs are shared out)")
+    p.add_argument("--check", action="store_true", help="validate every job, run nothing")
+    p.add_argument("--cpu", action="store_true", help="embedded: run on the CPU even if a GPU is present")
+    p.add_argument("-v", "--verbose", action="store_true", help="show ComfyUI's own log messages")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO if opts.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(message)s", force=True)
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the saved paths
+        try:
+            return run(opts, stdout)
+        except WorkflowError as e:
+            for problem in e.problems:
+                print(f"oboro-run: error: {problem}", file=sys.stderr)
+            print(f"oboro-run: {len(e.problems)} problem(s); nothing was run", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("oboro-run: interrupted", file=sys.stderr)
+            return 130
+
+
+def run(opts, stdout) -> int:
+    doc = load(opts.workflow)
+    sets = {k: v for k, v in (parse_set(s) for s in opts.sets)}
+    rows = load_rows(opts.batch) if opts.batch else [{}]
+    seeds = parse_seeds(opts.seeds) if opts.seeds else [None]
+    if opts.server:
+        from .remote import Farm
+        for flag, given in (("--models", opts.models), ("--comfyui", opts.comfyui), ("--cpu", opts.cpu)):
+            if given:
+                print(f"oboro-run: warning: {flag} is ignored with --server (servers use their own)", file=sys.stderr)
+        backend = Farm(opts.server)
+    else:
+        from .local import Embedded
+        backend = Embedded(opts)
+    if is_ui(doc):  # converted with the live node definitions
+        defs = backend.node_defs({n.get("type") for n in doc["nodes"]})
+        base = to_api(doc, defs)
+    else:
+        base = to_api(doc, {})
+        defs = backend.node_defs({n.get("class_type") for n in base.values()})
+    jobs, problems = make_jobs(base, defs, sets, rows, seeds)
+    validate(jobs, defs, backend, problems)
+    if opts.check:
+        print(f"oboro-run: ok: {len(jobs)} job(s) valid", file=sys.stderr)
+        return 0
+    progress = Progress(len(jobs))
+    with Output(opts.out) as out:
+        failed = backend.run(jobs, out, progress)
+    for path in out.saved:
+        print(path, file=stdout)
+    progress.done(failed, out)
+    return 1 if failed else 0
+
+
+def parse_set(text: str):
+    key, eq, value = text.partition("=")
+    if not eq or "." not in key:
+        raise WorkflowError(f"--set {text!r}: expected NODE.input=value")
+    return key, value
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise WorkflowError(f"--seeds {text!r}: expected A:B (integers, B exclusive)") from None
+    if b <= a:
+        raise WorkflowError(f"--seeds {text!r}: empty range")
+    return list(range(a, b))
+
+
+def load_rows(path) -> list[dict]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise WorkflowError(f"--batch {p}: {e.strerror or e}") from None
+    if p.suffix.lower() == ".csv":
+        rows = [{k.strip(): v for k, v in r.items() if k and v not in ("", None)}
+                for r in csv.DictReader(text.splitlines())]
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise WorkflowError(f"--batch {p} line {i}: malformed JSON: {e.msg}") from None
+                if not isinstance(row, dict):
+                    raise WorkflowError(f"--batch {p} line {i}: expected an object of NODE.input -> value")
+                rows.append(row)
+    if not rows:
+        raise WorkflowError(f"--batch {p}: no rows")
+    return rows
+
+
+def find_node(prompt: dict, ref: str) -> str:
+    if ref in prompt:
+        return ref
+    for what, key in (("title", lambda n: (n.get("_meta") or {}).get("title")),
+                      ("type", lambda n: n.get("class_type"))):
+        hits = [nid for nid, n in prompt.items() if key(n) == ref]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            raise WorkflowError(f"'{ref}' is the {what} of nodes {', '.join(hits)}; use a node id")
+    raise WorkflowError(f"no node with id, title or type '{ref}'")
+
+
+def coerce(raw, spec):
+    """A --set / CSV string as the input's type wants it; JSON rows are used as they are."""
+    if not isinstance(raw, str):
+        return raw
+    typ, options = spec[0], combo_options(spec)
+    if typ == "STRING" or (options is not None and all(isinstance(o, str) for o in options)):
+        return raw
+    if typ == "BOOLEAN" and raw.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return raw.lower() in ("true", "yes", "1")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def apply(prompt: dict, defs, key: str, raw, where: str):
+    ref, _, name = key.rpartition(".")
+    if not ref or not name:
+        raise WorkflowError(f"{where} {key!r}: expected NODE.input")
+    try:
+        nid = find_node(prompt, ref)
+    except WorkflowError as e:
+        raise WorkflowError(f"{where} {key}: {e}") from None
+    node = prompt[nid]
+    spec = input_specs(defs.get(node["class_type"], {})).get(name)
+    if spec is None:
+        raise WorkflowError(f"{where} {key}: node {nid} ({node['class_type']}) has no input '{name}'")
+    node.setdefault("inputs", {})[name] = value = coerce(raw, spec)
+    return value
+
+
+def seed_inputs(prompt):
+    return [(nid, name) for nid, n in prompt.items() for name in SEED_INPUTS
+            if name in (n.get("inputs") or {}) and not isinstance(n["inputs"][name], list)]
+
+
+def make_jobs(base, defs, sets, rows, seeds):
+    """One job per row x seed, and every problem found applying the overrides."""
+    jobs, problems = [], []
+    for r, row in enumerate(rows, 1):
+        for seed in seeds:
+            prompt, overrides = copy.deepcopy(base), {}
+            for key, raw, where in [(k, v, "--set") for k, v in sets.items()] + \
+                                   [(k, v, f"--batch row {r}:") for k, v in row.items()]:
+                try:
+                    overrides[key] = apply(prompt, defs, key, raw, where)
+                except WorkflowError as e:  # keep going: report every problem at once
+                    problems += [p for p in e.problems if p not in problems]
+            targets = seed_inputs(prompt)
+            if seed is not None:
+                if not targets and "--seeds: the workflow has no seed" not in str(problems):
+                    problems.append("--seeds: the workflow has no seed or noise_seed input to set")
+                for nid, name in targets:
+                    prompt[nid]["inputs"][name] = seed
+            elif targets:
+                seed = prompt[targets[0][0]]["inputs"][targets[0][1]]
+            jobs.append(Job(len(jobs), prompt, overrides, seed))
+    return jobs, problems
+
+
+def validate(jobs, defs, backend, problems=()) -> None:
+    """All problems at once: those every job has once, the others per job."""
+    found = []
+    for job in jobs:
+        need = needed(job.prompt, defs)
+        ours = check(job.prompt, defs, backend.folders, need, values=backend.remote)
+        found.append(backend.problems(job.prompt, ours, need))
+    problems = list(problems)
+    for i, msgs in enumerate(found):
+        for m in msgs:
+            m = m if all(m in f for f in found) or len(jobs) == 1 else f"job {i}: {m}"
+            if m not in problems:
+                problems.append(m)
+    if problems:
+        raise WorkflowError(problems)

@@ -1,0 +1,134 @@
+"""Where oboro-run's results go: finished files into --out by atomic rename (never a partial
+file under its final name), one complete runs.jsonl line per job, and progress on stderr."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path, PurePosixPath
+
+
+def output_items(outputs: dict) -> list[dict]:
+    """The files a job saved (type "output"), from ComfyUI's per-node ui results."""
+    items, seen = [], set()
+    for node_id, ui in (outputs or {}).items():
+        for values in (ui or {}).values():
+            for v in values if isinstance(values, list) else ():
+                if isinstance(v, dict) and "filename" in v and v.get("type", "output") == "output":
+                    key = (v.get("subfolder") or "", v["filename"])
+                    if key not in seen:
+                        seen.add(key)
+                        items.append({"filename": key[1], "subfolder": key[0], "type": "output", "node": node_id})
+    return items
+
+
+def _relative(subfolder: str, filename: str) -> Path:
+    rel = PurePosixPath(subfolder.replace("\\", "/")) / filename
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"refusing output path outside --out: {rel}")
+    return Path(*rel.parts)
+
+
+class Output:
+    """The --out folder. Work happens in a hidden temp folder inside it (same file system, so
+    moving a finished file in is an atomic rename); it is removed on exit, whatever happened."""
+
+    def __init__(self, path):
+        self.dir = Path(path)
+        self.saved: list[str] = []
+        self.jobs = self.failed = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".oboro-run-", dir=self.dir))
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def staging(self) -> Path:
+        return Path(tempfile.mkdtemp(dir=self.tmp))
+
+    @staticmethod
+    def clear(folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def commit(self, job, files, seconds: float, error: str | None = None, **extra) -> list[str]:
+        """Move a job's finished files (src, subfolder, filename) into --out as
+        `<subfolder>/<job:05d>-<filename>` and append its runs.jsonl line."""
+        with self._lock:
+            saved = []
+            for src, subfolder, filename in files:
+                dest = self.dir / _relative(subfolder, f"{job.index:05d}-{filename}")
+                stem, n = dest, 0
+                while dest.exists():
+                    n += 1
+                    dest = stem.with_name(f"{stem.stem}-{n}{stem.suffix}")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+                saved.append(dest.relative_to(self.dir).as_posix())
+            record = {"job": job.index, "overrides": job.overrides, "seed": job.seed, "outputs": saved,
+                      "seconds": round(seconds, 3), **extra}
+            if error is not None:
+                record["error"] = error.strip()
+            with open(self.dir / "runs.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=str) + "\n")  # one complete line per write
+                f.flush()
+                os.fsync(f.fileno())
+            self.saved += [str(self.dir / s) for s in saved]
+            self.jobs += 1
+            self.failed += error is not None
+            return saved
+
+
+class Progress:
+    """One line per event on stderr (a live step counter when stderr is a terminal)."""
+
+    def __init__(self, total: int):
+        self.total, self.t0 = total, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.job = self.prompt = None
+        self.started: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def say(self, job, msg: str, end="\n"):
+        prefix = "\r\033[K" if self.tty else ""
+        with self._lock:  # one write per line: workers of several servers print at once
+            sys.stderr.write(f"{prefix}[{job.index + 1}/{self.total}] {msg}{end}")
+            sys.stderr.flush()
+
+    def begin(self, job, prompt, where: str = ""):
+        self.job, self.prompt = job, prompt
+        self.started[job.index] = time.monotonic()
+        self.say(job, "start" + (f" seed {job.seed}" if job.seed is not None else "") + where)
+
+    def event(self, event: str, data: dict):
+        """ComfyUI's executor events (what the browser gets over the websocket)."""
+        if event == "executing" and self.job is not None and isinstance(data, dict) and data.get("node"):
+            nid = data["node"]
+            self.say(self.job, f"node {nid} {self.prompt.get(nid, {}).get('class_type', '')}")
+
+    def step(self, value, total, job=None):
+        job = job or self.job
+        if job is None or not total:
+            return
+        if self.tty:
+            self.say(job, f"step {value}/{total}", end="" if value < total else "\n")
+        elif value == total or value % max(1, total // 4) == 0:
+            self.say(job, f"step {value}/{total}")
+
+    def finished(self, job, saved, where: str = ""):
+        took = time.monotonic() - self.started.get(job.index, self.t0)
+        self.say(job, f"done in {took:.1f}s{where}: " + (", ".join(saved) or "no files saved"))
+
+    def failed(self, job, message: str):
+        self.say(job, f"FAILED: {message.strip()}")
+
+    def done(self, failed: int, out: Output):
+        print(f"oboro-run: {self.total - failed}/{self.total} job(s) done in {time.monotonic() - self.t0:.1f}s, "
+              f"{len(out.saved)} file(s) in {out.dir} (log: {out.dir / 'runs.jsonl'})", file=sys.stderr, flush=True)

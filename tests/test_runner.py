@@ -1,0 +1,296 @@
+"""scripts/oboro-run: the shipped workflows, UI -> API conversion, headless runs (embedded and
+against a real ComfyUI server), and bad input: exit code 2, every problem named, no files."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from oboro.oboro_model import MMHDiT, preset, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "scripts" / "oboro-run"
+WORKFLOWS = ("oboro_txt2img", "oboro_img2img")
+TEXT_DIM = 32
+CPU = [] if os.environ.get("OBORO_TEST_GPU") == "1" else ["--cpu"]
+FAST = ["--set", "OboroSampler.steps=2"]
+FAST_T2I = FAST + ["--set", "EmptyOboroLatentImage.width=64", "--set", "EmptyOboroLatentImage.height=48"]
+FAST_I2I = FAST + ["--set", "ImageScale.width=64", "--set", "ImageScale.height=48"]
+
+
+def workflow(name, api=False):
+    return REPO / "workflows" / f"{name}{'.api' if api else ''}.json"
+
+
+def flux_vae():
+    """A random VAE of the FLUX ae.safetensors architecture (ComfyUI picks it by its keys)."""
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+    cfg = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae = AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": cfg},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": cfg})
+    with torch.no_grad():  # comfy's ops skip weight init
+        for name, p in vae.named_parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.02)
+            else:
+                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+    return vae
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory):
+    """Tiny models under the shipped workflows' file names: oboro DiT (text_dim 32), T5 (d_model 32)
+    and a random FLUX-architecture VAE (fixed width, ~84M parameters, stored in fp16)."""
+    from transformers import T5Config, T5EncoderModel
+    root = tmp_path_factory.mktemp("oboro_models")
+    for kind in ("diffusion_models", "text_encoders", "vae", "loras"):
+        (root / kind).mkdir()
+    torch.manual_seed(0)
+    dit = MMHDiT(preset("tiny", in_channels=16, text_dim=TEXT_DIM))
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_checkpoint(root / "diffusion_models" / "oboro-base-v1-1b.safetensors", dit)
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=TEXT_DIM, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                                 feed_forward_proj="gated-gelu"))
+    save_file({k: v.contiguous().clone() for k, v in t5.state_dict().items()},
+              str(root / "text_encoders" / "t5xxl_fp16.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in flux_vae().state_dict().items()},
+              str(root / "vae" / "ae.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def input_image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def oboro_run(*args, timeout=180):
+    r = subprocess.run([sys.executable, str(RUN), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                       cwd=REPO)
+    return r
+
+
+def files_in(folder: Path):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder.exists() else []
+
+
+def runs(out: Path):
+    return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+
+
+# ---- conversion ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_conversion_equals_api_twin(comfy, name):
+    from oboro.runner import convert
+    ui, api = convert.load(workflow(name)), convert.load(workflow(name, api=True))
+    assert convert.is_ui(ui) and ui["version"] == 0.4 and not convert.is_ui(api)
+    assert convert.to_api(ui, convert.local_node_defs()) == api
+
+
+def test_conversion_follows_reroutes_and_bypasses_and_drops_muted(comfy):
+    """Frontend semantics: a Reroute and a bypassed IMAGE -> IMAGE node are passed through, a muted
+    node is dropped, a PrimitiveNode's value stays in its target's widgets_values."""
+    from oboro.runner import convert
+    ui = convert.load(workflow("oboro_txt2img"))
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {link[0]: link for link in ui["links"]}
+    vae_link = nodes[8]["inputs"][1]["link"]                 # VAELoader -> VAEDecode.vae
+    img_link = nodes[9]["inputs"][0]["link"]                 # VAEDecode -> SaveImage.images
+    links[vae_link][3:5] = [20, 0]                           # ... now via Reroute 20
+    links[100] = [100, 20, 0, 8, 1, "VAE"]
+    nodes[8]["inputs"][1]["link"] = 100
+    links[img_link][3:5] = [21, 0]                           # ... now via bypassed ImageInvert 21
+    links[101] = [101, 21, 0, 9, 0, "IMAGE"]
+    nodes[9]["inputs"][0]["link"] = 101
+    links[102] = [102, 30, 0, 6, 4, "INT"]                   # a PrimitiveNode drives the seed
+    nodes[6]["inputs"][4]["link"] = 102
+    ui["nodes"] += [
+        {"id": 20, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": vae_link}],
+         "outputs": [{"name": "", "type": "VAE", "links": [100]}], "properties": {}},
+        {"id": 21, "type": "ImageInvert", "mode": 4, "inputs": [{"name": "image", "type": "IMAGE", "link": img_link}],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [101]}], "properties": {}, "widgets_values": []},
+        {"id": 22, "type": "PreviewImage", "mode": 2, "inputs": [{"name": "images", "type": "IMAGE", "link": None}],
+         "outputs": [], "properties": {}, "widgets_values": []},
+        {"id": 30, "type": "PrimitiveNode", "mode": 0, "inputs": [],
+         "outputs": [{"name": "INT", "type": "INT", "links": [102], "widget": {"name": "seed"}}],
+         "properties": {"Run widget replace on values": False}, "widgets_values": [42, "fixed"]},
+    ]
+    ui["links"] = list(links.values())
+    assert convert.to_api(ui, convert.local_node_defs()) == convert.load(workflow("oboro_txt2img", api=True))
+
+
+# ---- headless runs ---------------------------------------------------------------------------
+
+def test_txt2img_seeds_and_batch_rows_embedded(model_root, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"Positive Prompt.text": "a red fox"}\n\n{"Positive Prompt.text": "a blue bird", "6.cfg": 1.0}\n')
+    out = tmp_path / "out"
+    r = oboro_run(workflow("oboro_txt2img"), "--models", model_root, "--seeds", "3:5", "--batch", rows,
+                  *FAST_T2I, "--out", out, *CPU)
+    assert r.returncode == 0, r.stderr
+    log = runs(out)
+    assert [(j["job"], j["seed"]) for j in log] == [(0, 3), (1, 4), (2, 3), (3, 4)]
+    assert log[0]["overrides"] == {"OboroSampler.steps": 2, "EmptyOboroLatentImage.width": 64,
+                                   "EmptyOboroLatentImage.height": 48, "Positive Prompt.text": "a red fox"}
+    assert log[3]["overrides"]["6.cfg"] == 1.0 and all(j["seconds"] > 0 and "error" not in j for j in log)
+    images = [out / j["outputs"][0] for j in log]
+    assert [len(j["outputs"]) for j in log] == [1, 1, 1, 1]
+    assert files_in(out) == sorted(["runs.jsonl"] + [j["outputs"][0] for j in log])  # no temp files left
+    assert r.stdout.split() == [str(p) for p in images]
+    pixels = [np.asarray(Image.open(p)) for p in images]
+    assert all(p.shape == (48, 64, 3) for p in pixels)
+    assert not np.array_equal(pixels[0], pixels[1])  # other seed, other image
+    assert "[4/4]" in r.stderr  # progress on stderr
+
+
+def test_img2img_csv_batch_embedded(model_root, input_image, tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text('Positive Prompt.text,OboroSampler.denoise\n"a cat, oil painting",0.5\n"a dog",\n')
+    out = tmp_path / "out"
+    r = oboro_run(workflow("oboro_img2img"), "--models", model_root, "--batch", rows, "--set",
+                  f"LoadImage.image={input_image}", *FAST_I2I, "--out", out, *CPU)
+    assert r.returncode == 0, r.stderr
+    log = runs(out)
+    assert [j["overrides"].get("OboroSampler.denoise") for j in log] == [0.5, None]
+    assert log[0]["overrides"]["Positive Prompt.text"] == "a cat, oil painting" and log[0]["seed"] == 42
+    for j in log:
+        assert np.asarray(Image.open(out / j["outputs"][0])).shape == (48, 64, 3)
+
+
+def test_check_runs_nothing(model_root, tmp_path):
+    out = tmp_path / "out"
+    r = oboro_run(workflow("oboro_txt2img", api=True), "--models", model_root, "--check", "--seeds", "0:3",
+                  "--out", out, *CPU)
+    assert r.returncode == 0, r.stderr
+    assert "3 job(s) valid" in r.stderr and not out.exists()
+
+
+# ---- bad input: exit 2, each problem named, nothing written ----------------------------------
+
+def test_malformed_json(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"1": {"class_type": "VAELoader", ')
+    r = oboro_run(bad, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "malformed JSON" in r.stderr and str(bad) in r.stderr
+    assert files_in(tmp_path / "out") == []
+
+
+def test_every_problem_named_and_no_files(model_root, tmp_path):
+    g = json.loads(workflow("oboro_txt2img", api=True).read_text())
+    g["7"]["inputs"]["vae_name"] = "flux_ae_missing.safetensors"
+    g["1"]["inputs"]["model_name"] = "oboro-huge.safetensors"
+    g["6"]["inputs"]["cfg"] = "banana"
+    g["12"] = {"class_type": "NoSuchNode", "inputs": {"image": ["8", 0]}}
+    g["9"]["inputs"]["images"] = ["12", 0]
+    wf = tmp_path / "wf.api.json"
+    wf.write_text(json.dumps(g))
+    out = tmp_path / "out"
+    out.mkdir()
+    r = oboro_run(wf, "--models", model_root, "--set", "EmptyOboroLatentImage.width=99999",
+                  "--set", "NoSuchTitle.text=x", "--set", "OboroSampler.bogus=1", "--out", out, *CPU)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr
+    assert "node 12: unknown node type 'NoSuchNode'" in err
+    assert "node 7 (VAELoader) input vae_name: missing model file flux_ae_missing.safetensors: " \
+           "put it in ComfyUI/models/vae/" in err
+    assert "missing model file oboro-huge.safetensors: put it in ComfyUI/models/diffusion_models/" in err
+    assert "node 6 (OboroSampler) input cfg" in err and "banana" in err
+    assert "node 5 (EmptyOboroLatentImage) input width" in err and "99999" in err
+    assert "no node with id, title or type 'NoSuchTitle'" in err
+    assert "has no input 'bogus'" in err
+    assert files_in(out) == []
+
+
+# ---- --server: a real ComfyUI over HTTP ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(model_root, tmp_path_factory):
+    """ComfyUI's own main.py on 127.0.0.1 with the tiny models; everything it writes in a temp dir."""
+    import oboro_env
+    d = tmp_path_factory.mktemp("server")
+    yaml = d / "models.yaml"
+    yaml.write_text("oboro_test:\n    base_path: %s\n    diffusion_models: diffusion_models\n"
+                    "    text_encoders: text_encoders\n    vae: vae\n    loras: loras\n" % model_root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for sub in ("output", "input", "temp", "user"):
+        (d / sub).mkdir()
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", *CPU, "--listen", "127.0.0.1", "--port", str(port),
+         "--extra-model-paths-config", str(yaml), "--output-directory", str(d / "output"),
+         "--input-directory", str(d / "input"), "--temp-directory", str(d / "temp"), "--user-directory",
+         str(d / "user"), "--database-url", f"sqlite:///{d / 'comfyui.db'}", "--disable-auto-launch"],
+        cwd=oboro_env.comfy_path(), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/system_stats", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ComfyUI server did not start:\n{(d / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_server_round_robin(server, input_image, tmp_path):
+    out = tmp_path / "out"
+    r = oboro_run(workflow("oboro_txt2img"), "--server", server, "--server", server.replace("127.0.0.1", "localhost"),
+                  "--seeds", "0:3", *FAST_T2I, "--out", out)
+    assert r.returncode == 0, r.stderr
+    log = runs(out)
+    assert sorted(j["seed"] for j in log) == [0, 1, 2] and len({j["server"] for j in log}) == 2
+    for j in log:
+        assert np.asarray(Image.open(out / j["outputs"][0])).shape == (48, 64, 3)
+    assert files_in(out) == sorted(["runs.jsonl"] + [j["outputs"][0] for j in log])
+
+    # img2img: a local input image is uploaded to the server first
+    out2 = tmp_path / "out2"
+    r = oboro_run(workflow("oboro_img2img"), "--server", server, "--set", f"LoadImage.image={input_image}",
+                  *FAST_I2I, "--out", out2)
+    assert r.returncode == 0, r.stderr
+    assert np.asarray(Image.open(out2 / runs(out2)[0]["outputs"][0])).shape == (48, 64, 3)
+
+
+def test_server_check_names_problems(server, tmp_path):
+    g = json.loads(workflow("oboro_img2img", api=True).read_text())
+    g["7"]["inputs"]["vae_name"] = "nope.safetensors"
+    g["9"]["inputs"]["steps"] = 0
+    g["5"]["inputs"]["image"] = str(tmp_path / "missing.png")
+    wf = tmp_path / "wf.api.json"
+    wf.write_text(json.dumps(g))
+    for extra in (["--check"], []):
+        r = oboro_run(wf, "--server", server, "--out", tmp_path / "out", *extra)
+        assert r.returncode == 2, r.stderr
+        assert "missing model file nope.safetensors: put it in ComfyUI/models/vae/" in r.stderr
+        assert "node 9 (OboroSampler) input steps: 0 is below the minimum 1" in r.stderr
+        assert "missing.png is neither in the server's input folder nor a local file" in r.stderr
+        assert files_in(tmp_path / "out") == []
