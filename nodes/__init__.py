@@ -8,10 +8,12 @@ from comfy_api.latest import ComfyExtension, io
 from .loader import OboroModelLoader
 from .sampling import EmptyOboroLatentImage, OboroFlowScheduler, OboroSampler, SamplerOboroICFM
 from .text_encoder import OboroT5Loader, OboroTextEncode
+from .training_data import OboroCacheLatents
 
 
 class OboroExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [OboroModelLoader, OboroT5Loader, OboroTextEncode,
-                OboroSampler, OboroFlowScheduler, SamplerOboroICFM, EmptyOboroLatentImage]
+                OboroSampler, OboroFlowScheduler, SamplerOboroICFM, EmptyOboroLatentImage,
+                OboroCacheLatents]

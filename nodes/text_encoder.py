@@ -152,6 +152,20 @@ def truncate_tokens(tokens: dict, max_tokens: int) -> tuple[dict, int]:
     return out, dropped
 
 
+def encode_text(clip, text: str, max_tokens: int = 256) -> tuple[list, int]:
+    """`text` -> (CONDITIONING [[hidden [1,L,D], {..., "attention_mask": [1,L]}]], number of tokens
+    dropped by truncate_tokens). Unpadded: L is the prompt's token count (EOS included), at most
+    max_tokens. Shared by OboroTextEncode and the training-data nodes."""
+    if clip is None:
+        raise RuntimeError("clip input is None: connect a text encoder (e.g. OboroT5Loader).")
+    tokens, dropped = truncate_tokens(clip.tokenize(text), max_tokens)
+    conds = clip.encode_from_tokens_scheduled(tokens)
+    for cond, extra in conds:
+        if extra.get("attention_mask") is None:  # a core CLIP without masks: unpadded T5 only
+            extra["attention_mask"] = torch.ones(cond.shape[:2], dtype=torch.long, device=cond.device)
+    return conds, dropped
+
+
 class OboroT5Loader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -201,14 +215,8 @@ class OboroTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, text, max_tokens=256) -> io.NodeOutput:
-        if clip is None:
-            raise RuntimeError("clip input is None: connect a text encoder (e.g. OboroT5Loader).")
-        tokens, dropped = truncate_tokens(clip.tokenize(text), max_tokens)
+        conds, dropped = encode_text(clip, text, max_tokens)
         if dropped:
             log.warning("OboroTextEncode: prompt is longer than max_tokens=%d; dropped its last %d tokens "
                         "(end-of-sequence token kept).", max_tokens, dropped)
-        conds = clip.encode_from_tokens_scheduled(tokens)
-        for cond, extra in conds:
-            if extra.get("attention_mask") is None:  # a core CLIP without masks: unpadded T5 only
-                extra["attention_mask"] = torch.ones(cond.shape[:2], dtype=torch.long, device=cond.device)
         return io.NodeOutput(conds)

@@ -1,0 +1,174 @@
+"""OboroCacheLatents: a folder of captioned images -> a latent cache (VAE latents + T5 hidden
+states) for training, built with oboro_model.data and ComfyUI's own VAE and CLIP objects."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..oboro_model.data import OboroDataset, build_cache
+from ..oboro_model.data.cache import MANIFEST
+from ..oboro_model.data.dataset import POLICIES
+from .text_encoder import encode_text
+
+log = logging.getLogger("oboro")
+CACHE_ROOT = "oboro_cache"
+
+
+def fingerprint(module: torch.nn.Module, extra=()) -> str:
+    """A cheap identity of a model's weights: names, shapes, dtypes and up to 4096 evenly strided
+    values of every tensor (not a full hash: that would read gigabytes for T5-XXL)."""
+    h = hashlib.sha256(type(module).__name__.encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{fingerprint_tensor(t)}".encode())
+    for item in extra:
+        h.update(repr(item).encode())
+    return h.hexdigest()
+
+
+def fingerprint_tensor(t: torch.Tensor) -> str:
+    flat = t.detach().reshape(-1)
+    sample = flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes()
+    return f"{tuple(t.shape)}{t.dtype}" + hashlib.sha256(sample).hexdigest()[:32]
+
+
+def lora_patches(clip) -> list:
+    """The CLIP's weight patches (e.g. a LoRA from LoraLoader): key, strengths and patch fingerprint."""
+    out = []
+    for key, patches in sorted(getattr(clip.patcher, "patches", {}).items()):
+        for p in patches:
+            tensors = [t for t in (p[1] if isinstance(p[1], (tuple, list)) else (p[1],)) if torch.is_tensor(t)]
+            out.append((key, p[0], p[2], [fingerprint_tensor(t) for t in tensors]))
+    return out
+
+
+def cache_folder(name: str) -> Path:
+    """`name` under <output>/oboro_cache, or `name` itself when absolute."""
+    if not name.strip():
+        raise ValueError("cache_name is empty")
+    if os.path.isabs(name):
+        return Path(name)
+    root = Path(folder_paths.get_output_directory()).resolve() / CACHE_ROOT
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"cache_name {name!r} leaves {root}; use a plain name or an absolute path")
+    return path
+
+
+def vae_encoder(vae):
+    def encode(pixels: torch.Tensor) -> torch.Tensor:  # [B,3,H,W] in [0,1] -> ComfyUI IMAGE [B,H,W,3]
+        return vae.encode(pixels.movedim(1, -1).contiguous())
+    return encode
+
+
+def clip_encoder(clip, max_tokens: int, stats: dict):
+    def encode(captions: list[str]):
+        hidden, masks = [], []
+        for caption in captions:
+            conds, dropped = encode_text(clip, caption, max_tokens)
+            cond, extra = conds[0]
+            hidden.append(cond[0].float().cpu())
+            masks.append(extra["attention_mask"][0].cpu())
+            stats["truncated"] += bool(dropped)
+        return hidden, masks
+    return encode
+
+
+class OboroCacheLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OboroCacheLatents",
+            display_name="oboro Cache Training Latents",
+            category="oboro/training",
+            description="Encodes a folder of images with captions (sidecar .txt, or metadata.jsonl / metadata.csv "
+                        "with file_name, text and an optional score column) into a latent cache for training. "
+                        "Unchanged images are reused from an existing cache; bad files are skipped and listed "
+                        "in the report.",
+            inputs=[
+                io.String.Input("dataset_dir", tooltip="Folder of images (searched recursively)."),
+                io.Vae.Input("vae"),
+                io.Clip.Input("clip", tooltip="T5 from OboroT5Loader."),
+                io.Combo.Input("policy", options=list(POLICIES), default="stage1_256",
+                               tooltip="stage1_256: short side to size, random size x size crop. stage2_area: "
+                                       "aspect buckets of about `area` pixels, aspect <= 1.3, sides multiples "
+                                       "of 64. fixed: size x size (or size x height), centre crop."),
+                io.Int.Input("size", default=256, min=64, max=8192, step=8,
+                             tooltip="Side for stage1_256 and width for fixed."),
+                io.Int.Input("area", default=512 * 512, min=64 * 64, max=4096 * 4096, step=64,
+                             tooltip="Target pixel count of stage2_area buckets."),
+                io.Int.Input("max_tokens", default=256, min=1, max=8192,
+                             tooltip="Most T5 tokens kept per caption (end-of-sequence token included)."),
+                io.String.Input("cache_name", default="default",
+                                tooltip="Cache folder: output/oboro_cache/<name>, or an absolute path."),
+                io.String.Input("score_column", default="", optional=True,
+                                tooltip="Metadata column with an aesthetic score: adds 'excellent score' (>= 6), "
+                                        "'good score' (>= 5.2), 'average score' (>= 4) and drops images "
+                                        "below 4. Empty: no tags."),
+                io.Int.Input("height", default=0, min=0, max=8192, step=8, optional=True,
+                             tooltip="fixed policy: height (0: same as size)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
+                             tooltip="Seed of the (deterministic) random crops."),
+            ],
+            outputs=[io.String.Output("cache_dir"), io.String.Output("report")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, dataset_dir="", cache_name="", **kwargs):
+        """Re-run when any file under dataset_dir or the cache's manifest changes."""
+        if not dataset_dir or not os.path.isdir(dataset_dir):
+            return f"missing:{dataset_dir}"
+        h = hashlib.sha256()
+        for d, subdirs, names in os.walk(dataset_dir):
+            subdirs.sort()
+            for n in sorted(names):
+                try:
+                    st = os.stat(os.path.join(d, n))
+                    h.update(f"{d}/{n}:{st.st_size}:{st.st_mtime_ns}".encode())
+                except OSError:
+                    pass
+        try:
+            h.update(str(os.stat(cache_folder(cache_name) / MANIFEST).st_mtime_ns).encode())
+        except (OSError, ValueError):
+            pass
+        return h.hexdigest()
+
+    @classmethod
+    def execute(cls, dataset_dir, vae, clip, policy, size, area, max_tokens, cache_name, score_column="",
+                height=0, seed=0) -> io.NodeOutput:
+        if vae is None or clip is None:
+            raise RuntimeError("connect a VAE and a text encoder (OboroT5Loader)")
+        ratio = vae.spacial_compression_encode()
+        if policy != "stage2_area" and (size % ratio or (height or size) % ratio):
+            raise ValueError(f"{policy}: size {size}x{height or size} must be a multiple of the VAE's "
+                             f"downscale factor {ratio}")
+        dataset = OboroDataset(dataset_dir, policy=policy, size=(size, height or size), area=area,
+                               score_column=(score_column or "").strip() or None, seed=seed)
+        if len(dataset) == 0:
+            raise ValueError(f"{dataset_dir}: no usable image-caption pairs; skipped: "
+                             + json.dumps(dataset.report[:20], ensure_ascii=False))
+        folder = cache_folder(cache_name)
+        settings = {"vae": type(vae.first_stage_model).__name__, "vae_hash": fingerprint(vae.first_stage_model),
+                    "t5": type(clip.cond_stage_model).__name__, "max_tokens": int(max_tokens),
+                    "t5_hash": fingerprint(clip.cond_stage_model, lora_patches(clip))}
+        stats = {"truncated": 0}
+        pbar = comfy.utils.ProgressBar(len(dataset))
+        report = build_cache(dataset, folder, vae_encoder(vae), clip_encoder(clip, max_tokens, stats), settings,
+                             progress=lambda done, total: pbar.update_absolute(done, total))
+        summary = {"cache_dir": str(folder), "items": report["items"], "encoded": report["encoded"],
+                   "reused": report["reused"], "skipped_count": len(report["skipped"]),
+                   "captions_truncated": stats["truncated"], "buckets": [list(b) for b in dataset.buckets],
+                   "skipped": report["skipped"]}
+        text = json.dumps(summary, indent=1, ensure_ascii=False)
+        log.info("OboroCacheLatents: %s: %d items (%d encoded, %d reused), %d skipped", folder, report["items"],
+                 report["encoded"], report["reused"], len(report["skipped"]))
+        return io.NodeOutput(str(folder), text, ui={"text": (text,)})

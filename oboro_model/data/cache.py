@@ -1,0 +1,212 @@
+"""Latent cache: VAE latents and T5 hidden states of a dataset, encoded once, reused while valid.
+
+Layout of a cache folder:
+  manifest.json            {"format": "oboro-latent-cache", "version": 1, "settings": {...},
+                            "items": [{"file", "sha256", "image_sha256", "caption", "bucket",
+                                       "shard", "key", "latent_shape", "text_len"}, ...], "skipped": [...]}
+  shard_00000.safetensors  latent_<key> [C,h,w], text_<key> [L,D], text_mask_<key> [L]
+An item's `sha256` hashes its image bytes' sha256, its caption (quality tag included) and the
+encode settings (dataset policy/size/area/crop/seed, its bucket, plus the caller's VAE name and
+hash, T5 name and hash, max_tokens). A rebuild re-encodes only items whose hash is not in the old
+manifest; the rest keep their shard, or are copied into new shards when fewer than half of an
+old shard's items are still used. New shards get unused numbers, every file is written to a
+temporary name then os.replace'd, the manifest last, and unreferenced shards are deleted after
+it: an interrupted build leaves the previous cache intact. Latents are stored exactly as the
+encoder returned them (for a ComfyUI VAE: raw VAE.encode output, before latent_format.process_in).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT, VERSION = "oboro-latent-cache", 1
+MANIFEST = "manifest.json"
+SHARD_RE = re.compile(r"^shard_(\d{5,})\.safetensors$")
+
+
+def item_hash(image_sha256: str, caption: str, settings: dict) -> str:
+    blob = json.dumps({"image": image_sha256, "caption": caption, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def read_manifest(folder) -> Optional[dict]:
+    try:
+        m = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == FORMAT and m.get("version") == VERSION else None
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _squeeze(t: torch.Tensor, dims: int) -> torch.Tensor:
+    t = t.detach().cpu()
+    while t.dim() > dims and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != dims:
+        raise ValueError(f"expected a {dims}-d tensor per item, got shape {tuple(t.shape)}")
+    return t.contiguous()
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """A cache folder as the Trainer's map-style dataset: {"latent": [C,h,w], "text": [L,D],
+    "text_mask": [L], "caption": str, "file": str}. `transform(latent)` (e.g. a latent format's
+    scale and shift) is applied on read. Shards are memory-mapped lazily."""
+
+    def __init__(self, folder, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.folder = Path(folder)
+        m = read_manifest(self.folder)
+        if m is None:
+            raise FileNotFoundError(f"{self.folder}: no oboro latent cache here ({MANIFEST} missing or not "
+                                    f"format {FORMAT} v{VERSION}); build one with build_cache / OboroCacheLatents")
+        self.settings, self.items, self.skipped = m["settings"], m["items"], m.get("skipped", [])
+        self.transform, self._handles = transform, {}
+
+    def __getstate__(self):  # DataLoader workers reopen shards themselves
+        return {**self.__dict__, "_handles": {}}
+
+    def _shard(self, name: str):
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.folder / name), framework="pt")
+        return self._handles[name]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def bucket_of(self, i: int) -> tuple[int, int]:
+        return tuple(self.items[i]["bucket"])
+
+    def __getitem__(self, i: int) -> dict:
+        it = self.items[i]
+        f, k = self._shard(it["shard"]), it["key"]
+        latent = f.get_tensor(f"latent_{k}")
+        return {"latent": self.transform(latent) if self.transform else latent, "text": f.get_tensor(f"text_{k}"),
+                "text_mask": f.get_tensor(f"text_mask_{k}"), "caption": it["caption"], "file": it["file"]}
+
+
+class _ShardWriter:
+    def __init__(self, folder: Path, first: int, shard_size: int):
+        self.folder, self.next, self.size, self.pending, self.names = folder, first, max(1, shard_size), {}, []
+
+    def add(self, key: str, latent, text, mask) -> str:
+        self.pending.update({f"latent_{key}": latent, f"text_{key}": text, f"text_mask_{key}": mask})
+        name = f"shard_{self.next:05d}.safetensors"
+        if len(self.pending) >= 3 * self.size:
+            self.flush()
+        return name
+
+    def flush(self) -> None:
+        if self.pending:
+            tensors, name = self.pending, f"shard_{self.next:05d}.safetensors"
+            _atomic_write(self.folder / name, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+            self.names.append(name)
+            self.pending, self.next = {}, self.next + 1
+
+
+def _valid_old_items(folder: Path, manifest: Optional[dict]) -> tuple[dict, dict]:
+    """({hash: old item} for items whose tensors are really in their shard, {shard: items in it})."""
+    keys, out = {}, {}
+    for it in (manifest or {}).get("items", []):
+        shard = it.get("shard", "")
+        if shard not in keys:
+            try:
+                with safe_open(str(folder / shard), framework="pt") as f:
+                    keys[shard] = set(f.keys())
+            except Exception:  # noqa: BLE001 - a missing or damaged shard only means re-encoding
+                keys[shard] = set()
+        k = it.get("key")
+        if {f"latent_{k}", f"text_{k}", f"text_mask_{k}"} <= keys[shard]:
+            out.setdefault(it["sha256"], it)
+    return out, {shard: len(k) // 3 for shard, k in keys.items()}
+
+
+def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, settings: dict,
+                shard_size: int = 256, batch_size: int = 8,
+                progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Encode `dataset` (an OboroDataset, or anything with source(i), settings(), __getitem__)
+    into `folder`. encode_image(pixels [B,3,H,W] in [0,1]) -> latents [B,C,h,w];
+    encode_text(list of captions) -> (hidden states, masks), each a [B,...] tensor or a list of
+    per-caption [L,D] / [L] tensors (a leading 1 is squeezed). `settings` (JSON-serialisable) name
+    the encoders. Returns {"encoded", "reused", "skipped": [{file, reason}], "items", "folder"}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = {**dataset.settings(), **settings}
+    old, totals = _valid_old_items(folder, read_manifest(folder))
+    existing = [int(m.group(1)) for p in folder.iterdir() if (m := SHARD_RE.match(p.name))]
+    writer = _ShardWriter(folder, max(existing, default=-1) + 1, shard_size)
+    skipped = list(getattr(dataset, "report", []))
+    plan, todo = [], {}  # plan: (index, source, hash); todo: hash -> index of its first item
+    for i in range(len(dataset)):
+        src = dataset.source(i)
+        h = item_hash(src["image_sha256"], src["caption"], {**base, "bucket": src["bucket"]})
+        plan.append((i, src, h))
+        if h not in old:
+            todo.setdefault(h, i)
+    done: dict = {}  # hash -> (shard, key, latent_shape, text_len)
+    by_bucket: dict = {}
+    for h, i in todo.items():
+        by_bucket.setdefault(tuple(plan[i][1]["bucket"]), []).append((i, h))
+    n_done, failed = 0, set()
+    for group in by_bucket.values():
+        for s in range(0, len(group), batch_size):
+            batch, got = group[s:s + batch_size], []
+            for i, h in batch:
+                try:
+                    got.append((i, h, dataset[i]))
+                except Exception as e:  # noqa: BLE001 - e.g. the file changed or vanished since the scan
+                    skipped.append({"file": plan[i][1]["file"], "reason": f"failed to load: {type(e).__name__}: {e}"})
+                    failed.add(h)
+            if got:
+                latents = encode_image(torch.stack([g[2]["pixels"] for g in got]))
+                hidden, masks = encode_text([g[2]["caption"] for g in got])
+                for j, (i, h, _) in enumerate(got):
+                    lat, txt = _squeeze(latents[j], 3), _squeeze(hidden[j], 2)
+                    mask = _squeeze(masks[j], 1) if masks is not None else torch.ones(txt.shape[0], dtype=torch.long)
+                    done[h] = (writer.add(str(i), lat, txt, mask), str(i), list(lat.shape), txt.shape[0])
+            n_done += len(batch)
+            if progress:
+                progress(n_done, len(todo))
+    # old shards that would be mostly dead weight: copy their live items into the new shards
+    live: dict = {}
+    for _, _, h in plan:
+        if h in old:
+            live.setdefault(old[h]["shard"], set()).add(h)
+    items, encoded = [], len(done)
+    for i, src, h in plan:
+        if h in failed:
+            continue
+        if h in old and h not in done:
+            o = old[h]
+            if len(live[o["shard"]]) * 2 < totals[o["shard"]]:
+                with safe_open(str(folder / o["shard"]), framework="pt") as f:
+                    t = [f.get_tensor(f"{p}_{o['key']}") for p in ("latent", "text", "text_mask")]
+                done[h] = (writer.add(str(i), *t), str(i), o["latent_shape"], o["text_len"])
+            else:
+                done[h] = (o["shard"], o["key"], o["latent_shape"], o["text_len"])
+        shard, key, shape, text_len = done[h]
+        items.append({**src, "sha256": h, "shard": shard, "key": key, "latent_shape": shape, "text_len": text_len})
+    writer.flush()
+    manifest = {"format": FORMAT, "version": VERSION, "settings": base, "items": items, "skipped": skipped}
+    _atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1), "utf-8"))
+    used = {it["shard"] for it in items}
+    for p in folder.iterdir():
+        if (SHARD_RE.match(p.name) and p.name not in used) or p.name.endswith(".safetensors.tmp"):
+            p.unlink(missing_ok=True)
+    return {"encoded": encoded, "reused": len(items) - encoded, "skipped": skipped, "items": len(items),
+            "folder": str(folder)}
