@@ -1,14 +1,20 @@
 """The training loop: seeded data order, I-CFM loss, accumulation, AMP, clipping, spike guard, EMA
-and resumable checkpoints, in plain PyTorch (one process; DDP is left to a wrapper).
+and resumable checkpoints, in plain PyTorch. One process by default; `dist` (see distributed.py)
+plugs in data-parallel training: each rank takes its slice of every global batch.
 
 Reproducibility is by construction: the data order comes from `data_gen` and every random draw
 of a step (t, x0, caption dropout, eps) from `noise_gen`, both saved in checkpoints; all of a
 step's randomness is drawn up front for its batch_size * grad_accum samples, so accumulating
 2 x B equals one batch of 2B. Only parameters with requires_grad are trained and saved, so a
 LoRA-wrapped model trains the same way.
+
+With `dist` of world size W, batch_size is per rank: every rank draws the same global
+batch_size * W * grad_accum samples and randomness, and trains on its slice of each global
+micro-batch, so W ranks equal one process with batch_size * W (up to float summation order).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -25,6 +31,30 @@ from .state import capture, checkpoint_path, latest_checkpoint, prune_checkpoint
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LocalProcess:
+    """The Trainer's hooks for data-parallel training, as a single process (distributed.py has the
+    accelerate implementation): rank/world size, wrapping, backward, gradient sync, loss averaging."""
+    rank, world_size, is_main = 0, 1, True
+
+    def prepare(self, model, optimizer):
+        """-> (model to call forward on, optimizer to step); parameters stay those of `model`."""
+        return model, optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def no_sync(self, model):
+        """Context for micro-batches whose gradients need not be synchronised yet."""
+        return contextlib.nullcontext()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Average over ranks (the loss the spike guard and the log see must agree on all ranks)."""
+        return value
+
+    def barrier(self) -> None:
+        pass
 
 
 class StopTraining(Exception):
@@ -94,8 +124,9 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, dataset, config: TrainConfig, optimizer=None, scheduler=None,
                  guard: Optional[SpikeGuard] = None, empty_text: Optional[torch.Tensor] = None,
-                 empty_mask: Optional[torch.Tensor] = None):
+                 empty_mask: Optional[torch.Tensor] = None, dist: Optional[LocalProcess] = None):
         c = self.config = config
+        self.dist = dist or LocalProcess()
         self.model, self.dataset, self.empty_text, self.empty_mask = model, dataset, empty_text, empty_mask
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
@@ -116,6 +147,8 @@ class Trainer:
                                    c.step_size, c.step_gamma)
         self.scheduler = scheduler or build_scheduler(
             self.optimizer, self.schedule, (lambda: self.guard.lr_scale) if self.guard is not None else None)
+        # The scheduler (built above) drives the bare optimizer; forward/step go through the wrappers.
+        self.forward_model, self.optimizer = self.dist.prepare(model, self.optimizer)
         self.ema = EMA(self.params, c.ema_decay) if c.ema_decay else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
         self.data_gen = torch.Generator().manual_seed(c.seed)
@@ -151,18 +184,28 @@ class Trainer:
         """One optimiser update over batch_size * grad_accum samples; returns the mean loss.
         An exception before the update rolls data/RNG back, so the step can be redone exactly."""
         c, B, dev = self.config, self.config.batch_size, self.device
-        n, amp = B * c.grad_accum, PRECISIONS[c.precision]
+        W, amp = self.dist.world_size, PRECISIONS[c.precision]
+        n = B * c.grad_accum * W  # the global batch; this rank trains on `sel` of it
         if self.schedule_free:
             self.optimizer.train()
         self.model.train()
         snap = self._snapshot()
         try:
-            items = [self.dataset[i] for i in self._next_indices(n)]
+            idx = self._next_indices(n)
+            sel = None
+            if W > 1:  # global micro-batch i is samples [i*B*W, (i+1)*B*W); rank r takes B of them
+                r = self.dist.rank
+                sel = torch.tensor([i * B * W + r * B + j for i in range(c.grad_accum) for j in range(B)])
+                idx = [idx[k] for k in sel.tolist()]
+            items = [self.dataset[i] for i in idx]
             shape, g = items[0]["latent"].shape, self.noise_gen
             t = sample_t(n, g, c.t_sampling, c.t_mean, c.t_std)
             x0 = torch.randn((n, *shape), generator=g)
             drop = caption_dropout_mask(n, c.caption_dropout, g)
             eps = torch.randn((n, *shape), generator=g) if c.sigma else None
+            if sel is not None:
+                t, x0, drop = t[sel], x0[sel], drop[sel]
+                eps = None if eps is None else eps[sel]
             self.optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=dev)
             for i in range(c.grad_accum):
@@ -170,13 +213,16 @@ class Trainer:
                 x1, text, mask = collate(items[sl])
                 text, mask = drop_captions(text, mask, drop[sl], self.empty_text, self.empty_mask)
                 cast = dict(device=dev, dtype=self.input_dtype)
-                with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                    loss = icfm_loss(self.model, x1.to(**cast), text.to(**cast), mask.to(dev), t[sl].to(dev),
-                                     x0[sl].to(**cast), c.sigma, None if eps is None else eps[sl].to(**cast))
-                loss = loss / c.grad_accum
-                self.scaler.scale(loss).backward()
+                last = i == c.grad_accum - 1
+                with contextlib.nullcontext() if last else self.dist.no_sync(self.forward_model):
+                    with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                        loss = icfm_loss(self.forward_model, x1.to(**cast), text.to(**cast), mask.to(dev),
+                                         t[sl].to(dev), x0[sl].to(**cast), c.sigma,
+                                         None if eps is None else eps[sl].to(**cast))
+                    loss = loss / c.grad_accum
+                    self.dist.backward(self.scaler.scale(loss))
                 total += loss.detach()
-            value = total.item()
+            value = self.dist.mean(total).item()
         except BaseException:
             self._rollback(snap)
             self.optimizer.zero_grad(set_to_none=True)
@@ -253,20 +299,25 @@ class Trainer:
             logger.warning("interrupted inside the optimiser update of step %d: this state may not resume "
                            "exactly", self.step + 1)
         if self._saved_step != self.step:
-            logger.warning("training interrupted at step %d: saved %s", self.step, self.save())
+            logger.warning("training interrupted at step %d: saved %s", self.step, self.save(sync=False))
 
-    def save(self, path=None) -> Path:
-        """Write the full training state (atomic) and prune to the newest keep_last."""
+    def save(self, path=None, sync: bool = True) -> Path:
+        """Write the full training state (atomic) and prune to the newest keep_last. Only the main
+        rank writes (ranks hold the same state); with `sync` every rank waits until it is written."""
         if path is None:
             if not self.config.output_dir:
                 raise ValueError("save() needs a path or config.output_dir")
             path = checkpoint_path(self.config.output_dir, self.step)
-        tensors, meta = capture(self)
-        path = write_state(path, tensors, meta)
-        if self.config.output_dir and Path(path).parent == Path(self.config.output_dir):
-            prune_checkpoints(self.config.output_dir, self.config.keep_last)
+        path = Path(path)
+        if self.dist.is_main:
+            tensors, meta = capture(self)
+            path = write_state(path, tensors, meta)
+            if self.config.output_dir and path.parent == Path(self.config.output_dir):
+                prune_checkpoints(self.config.output_dir, self.config.keep_last)
+            logger.info("saved training state at step %d to %s", self.step, path)
+        if sync:
+            self.dist.barrier()
         self._saved_step = self.step
-        logger.info("saved training state at step %d to %s", self.step, path)
         return path
 
     def resume(self, path_or_dir) -> Path:

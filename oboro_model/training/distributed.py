@@ -1,0 +1,304 @@
+"""Data-parallel training (DDP through `accelerate`), the TOML run config and the latent cache
+loader behind `scripts/oboro-train`.
+
+One engine for every scale: `train_from_config` builds the model (optionally LoRA-wrapped), the
+dataset and a Trainer whose distributed hooks are `AccelerateProcess`; under `accelerate launch`
+every process runs it, each on its slice of every global batch (global batch = batch_size x
+processes x grad_accum). Only the main process writes files. DDP only: FSDP is not supported.
+
+CONFIG.toml (relative paths are relative to the file):
+
+    model = "tiny"                    # a preset name or a checkpoint path; or a table:
+    # [model]
+    # preset = "oboro-small"          # from scratch: initialize_weights with `seed`
+    # config = { in_channels = 16 }   # OboroConfig overrides of the preset
+    # seed = 0
+    # checkpoint = "base.safetensors" # fine-tune: start from these weights (instead of preset)
+
+    [data]
+    path = "cache"                    # a .safetensors latent cache file or a folder of them
+
+    [training]                        # any TrainConfig field; batch_size is per process
+    steps = 1000
+    batch_size = 4
+    lr = 1e-4
+
+    [lora]                            # optional: train a LoRA (peft) instead of all weights
+    rank = 16
+    alpha = 16
+    dropout = 0.0
+    targets = "attn"                  # attn | mlp | all | [module paths or suffixes]
+
+    [output]
+    dir = "runs/my-run"               # training states (step_*.safetensors) and the final export
+    name = "model"                    # final file <dir>/<name>.safetensors (LoRA default "lora")
+    resume = true                     # continue from the newest state in dir, if any
+    log_every = 10
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import PRESETS, OboroConfig, preset
+from ..model import MMHDiT
+from .state import list_checkpoints
+from .trainer import LocalProcess, Trainer, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+SECTIONS = ("model", "data", "training", "lora", "output")
+LORA_KEYS = ("rank", "alpha", "dropout", "targets")
+OUTPUT_KEYS = ("dir", "name", "resume", "log_every")
+MODEL_KEYS = ("preset", "config", "seed", "checkpoint")
+
+
+# ---- data ---------------------------------------------------------------------------------------
+class CachedLatents(torch.utils.data.Dataset):
+    """Map-style dataset over safetensors files holding `latent_<i>` [C,H,W], `text_<i>` [L,D] and
+    optionally `text_mask_<i>` [L] (plus optional `empty_text` [Le,D] / `empty_text_mask`: the
+    empty-prompt encoding caption dropout uses). Tensors are read lazily from the mmap'd files."""
+
+    KEY = re.compile(r"^latent_(\d+)$")
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+        self.files, self._handles = [str(f) for f in files], {}
+        self.index: list[tuple[int, int, bool]] = []  # (file, i, has text_mask_i)
+        self.empty_text = self.empty_mask = None
+        for fi, f in enumerate(self.files):
+            with safe_open(f, framework="pt", device="cpu") as h:
+                keys = set(h.keys())
+                ids = sorted(int(m.group(1)) for k in keys if (m := self.KEY.match(k)))
+                missing = [i for i in ids if f"text_{i}" not in keys]
+                if missing:
+                    raise ValueError(f"{f}: latents without text, e.g. latent_{missing[0]} has no text_{missing[0]}")
+                self.index += [(fi, i, f"text_mask_{i}" in keys) for i in ids]
+                if self.empty_text is None and "empty_text" in keys:
+                    self.empty_text = h.get_tensor("empty_text")
+                    self.empty_mask = h.get_tensor("empty_text_mask") if "empty_text_mask" in keys else None
+        if not self.index:
+            raise ValueError(f"no latent_<i> tensors in {self.files}")
+
+    def _handle(self, fi: int):
+        from safetensors import safe_open
+        if fi not in self._handles:
+            self._handles[fi] = safe_open(self.files[fi], framework="pt", device="cpu")
+        return self._handles[fi]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, n: int) -> dict:
+        fi, i, has_mask = self.index[n]
+        h = self._handle(fi)
+        text = h.get_tensor(f"text_{i}")
+        mask = h.get_tensor(f"text_mask_{i}") if has_mask else torch.ones(text.shape[0])
+        return {"latent": h.get_tensor(f"latent_{i}"), "text": text, "text_mask": mask}
+
+    def __getstate__(self):  # handles are per process
+        return {**self.__dict__, "_handles": {}}
+
+
+def load_cached_dataset(path) -> CachedLatents:
+    """The pre-encoded training set at `path` (a .safetensors file or a folder of them). The one
+    seam to the data format: swap this function for another cache layout."""
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"{p}: no .safetensors latent cache found")
+    return CachedLatents(files)
+
+
+# ---- distributed hooks --------------------------------------------------------------------------
+class AccelerateProcess(LocalProcess):
+    """Trainer hooks on an `accelerate.Accelerator` (DDP under `accelerate launch`)."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def prepare(self, model, optimizer):
+        return self.accelerator.prepare(model, optimizer)
+
+    def backward(self, loss):
+        self.accelerator.backward(loss)
+
+    def no_sync(self, model):
+        return self.accelerator.no_sync(model)
+
+    def mean(self, value):
+        return self.accelerator.reduce(value, "mean") if self.world_size > 1 else value
+
+    def barrier(self):
+        self.accelerator.wait_for_everyone()
+
+
+# ---- config -------------------------------------------------------------------------------------
+def load_run_config(path) -> dict:
+    """Parse CONFIG.toml; relative paths resolve against its folder (kept as `_base_dir`)."""
+    import tomllib
+    path = Path(path)
+    with open(path, "rb") as f:
+        cfg = tomllib.load(f)
+    cfg["_base_dir"] = str(path.resolve().parent)
+    return cfg
+
+
+def _check_keys(section: str, table: Mapping, allowed) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ValueError(f"[{section}]: unknown keys {unknown}; allowed: {sorted(allowed)}")
+
+
+def _path(base: Path, p) -> Path:
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def build_model(spec: Union[str, Mapping[str, Any]], base_dir=".") -> MMHDiT:
+    """A preset name (fresh init) or a checkpoint path (fp32 weights), or the [model] table."""
+    base = Path(base_dir)
+    if isinstance(spec, str):
+        spec = {"preset": spec} if spec in PRESETS else {"checkpoint": spec}
+    _check_keys("model", spec, MODEL_KEYS)
+    if "checkpoint" in spec:
+        if "preset" in spec or "config" in spec:
+            raise ValueError("[model]: give either checkpoint or preset (+ config), not both")
+        return load_checkpoint(_path(base, spec["checkpoint"]), dtype=torch.float32).train()
+    if "preset" not in spec:
+        raise ValueError("[model]: needs `preset` or `checkpoint`")
+    config: OboroConfig = preset(spec["preset"], **dict(spec.get("config", {})))
+    gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+    return MMHDiT(config).initialize_weights(gen)
+
+
+def train_config(cfg: Mapping, output_dir: Optional[Path]) -> TrainConfig:
+    training = dict(cfg.get("training", {}))
+    _check_keys("training", training, [f.name for f in dataclasses.fields(TrainConfig)])
+    if "output_dir" in training:
+        training["output_dir"] = str(_path(Path(cfg["_base_dir"]), training["output_dir"]))
+    elif output_dir is not None:
+        training["output_dir"] = str(output_dir)
+    return TrainConfig(**training)
+
+
+def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
+    """Run the training a CONFIG.toml (path or parsed dict) describes, in this process as one rank
+    of `accelerator` (default: a new Accelerator, which picks up `accelerate launch`'s settings).
+    Returns {"step", "losses", "export": [final files written by the main process]}."""
+    if not isinstance(cfg, Mapping):
+        cfg = load_run_config(cfg)
+    cfg = dict(cfg)
+    cfg.setdefault("_base_dir", ".")
+    unknown = sorted(set(cfg) - set(SECTIONS) - {"_base_dir"})
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; allowed: {list(SECTIONS)}")
+    base = Path(cfg["_base_dir"])
+    out = dict(cfg.get("output", {}))
+    _check_keys("output", out, OUTPUT_KEYS)
+    out_dir = _path(base, out["dir"]) if "dir" in out else None
+    tc = train_config(cfg, out_dir)
+    lora = cfg.get("lora")
+    if lora is not None:
+        _check_keys("lora", lora, LORA_KEYS)
+    if "data" not in cfg or "path" not in cfg["data"]:
+        raise ValueError("[data]: needs `path` (a latent cache .safetensors file or folder)")
+    if "model" not in cfg:
+        raise ValueError("config needs `model` (a preset name or checkpoint path, or a [model] table)")
+
+    if accelerator is None:
+        from accelerate import Accelerator
+        # accelerate only runs several processes on CPU (gloo) when told cpu=True; without a GPU,
+        # a multi-process launch (accelerate launch --multi_gpu / torchrun) means exactly that.
+        accelerator = Accelerator(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1)
+    dist = AccelerateProcess(accelerator)
+    # Same seed on every rank: identical LoRA init and dropout streams (DDP also broadcasts rank 0's
+    # weights), and the saved torch RNG state is then valid for every rank on resume.
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg["model"], base)
+    if lora is not None:
+        from .lora import add_lora
+        add_lora(model, int(lora.get("rank", 16)), lora.get("alpha"), float(lora.get("dropout", 0.0)),
+                 lora.get("targets", "attn"))
+    model.to(accelerator.device)
+    data = load_cached_dataset(_path(base, cfg["data"]["path"]))
+    tr = Trainer(model, data, tc, empty_text=data.empty_text, empty_mask=data.empty_mask, dist=dist)
+    if out.get("resume", True) and tc.output_dir and list_checkpoints(tc.output_dir):
+        tr.resume(tc.output_dir)
+    if dist.is_main:
+        logger.info("training %s on %d samples: %d process(es) x batch %d x accum %d = global batch %d, "
+                    "%d trainable tensors, step %d -> %d", "LoRA" if lora is not None else "all weights",
+                    len(data), dist.world_size, tc.batch_size, tc.grad_accum,
+                    dist.world_size * tc.batch_size * tc.grad_accum, len(tr.params), tr.step, tc.steps)
+    every, t0 = int(out.get("log_every", 10)), time.perf_counter()
+
+    def log(step, loss, lr, rate):
+        if dist.is_main and every > 0 and (step % every == 0 or step == tc.steps):
+            logger.info("step %d/%d  loss %.5f  lr %.3g  %.2f it/s  (%.0f s)", step, tc.steps, loss, lr, rate,
+                        time.perf_counter() - t0)
+
+    losses = tr.train(log)
+    exported = export(tr, out_dir, out.get("name"), lora is not None) if out_dir is not None else []
+    dist.barrier()
+    return {"step": tr.step, "losses": losses, "export": exported}
+
+
+def export(tr: Trainer, out_dir: Path, name: Optional[str], is_lora: bool) -> list[Path]:
+    """Main process: write <name>.safetensors (LoRA in ComfyUI format, or the full checkpoint) and,
+    with EMA, <name>_ema.safetensors."""
+    if not tr.dist.is_main:
+        return []
+    from .lora import save_lora
+    name = name or ("lora" if is_lora else "model")
+    meta = {"oboro_train_step": str(tr.step)}
+    if tr.schedule_free:
+        tr.optimizer.eval()  # ScheduleFree: the weights to use are the averaged sequence
+
+    def write(path):
+        return save_lora(path, tr.model, meta) if is_lora else save_checkpoint(path, tr.model, meta)
+
+    paths = [write(out_dir / f"{name}.safetensors")]
+    if tr.ema is not None:
+        with torch.no_grad():
+            backup = {n: p.detach().clone() for n, p in tr.params}
+            tr.ema.copy_to(tr.params)
+            try:
+                paths.append(write(out_dir / f"{name}_ema.safetensors"))
+            finally:
+                for n, p in tr.params:
+                    p.copy_(backup[n])
+    for p in paths:
+        logger.info("wrote %s", p)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="oboro-train", description="Train oboro (I-CFM) from a CONFIG.toml; run "
+                                 "under `accelerate launch` for multi-GPU / multi-node DDP.")
+    ap.add_argument("config", help="CONFIG.toml")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    train_from_config(args.config)
+    return 0
