@@ -18,7 +18,7 @@ from comfy.cli_args import args  # noqa: E402  (must precede any comfy.model_man
 args.cpu = os.environ.get("OBORO_TEST_GPU") != "1"
 oboro_env.import_oboro()
 
-MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")
+from tiny import MODEL_KINDS, save_shipped_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +33,9 @@ def comfy(tmp_path_factory):
     embedded.start(cpu=args.cpu, output_dir=str(root / "output"), model_dirs={k: str(v) for k, v in dirs.items()})
     return SimpleNamespace(run=embedded.run, validate=embedded.validate, models=root / "models",
                            output=root / "output", embedded=embedded)
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory):
+    """Tiny models under the shipped workflows' file names (see tests/tiny.py), as a model root."""
+    return save_shipped_models(tmp_path_factory.mktemp("oboro_models"))

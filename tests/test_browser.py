@@ -10,28 +10,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 import oboro_env  # scripts/ is put on sys.path by conftest.py
-from oboro.oboro_model import MMHDiT, preset, save_checkpoint
+from comfy_server import Server, http_json
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TEMPLATE = "oboro_txt2img"
-# Model file names the shipped template uses; the tiny stand-ins are saved under them.
-DIT_NAME, T5_NAME, VAE_NAME = "oboro-base-v1-1b.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"
 ARTIFACTS = oboro_env.REPO / "test-artifacts"
 SCREENSHOT = ARTIFACTS / "browser_txt2img.png"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,120 +33,9 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} missing: install Debian's chromium (scripts/bootstrap.sh does, as root)")
 
 
-# --- tiny models under the real names -------------------------------------------------------
-
-def save_tiny_models(models: Path) -> None:
-    from transformers import T5Config, T5EncoderModel
-    for kind in ("diffusion_models", "text_encoders", "vae"):
-        (models / kind).mkdir(parents=True)
-    torch.manual_seed(0)
-    dit = MMHDiT(preset("tiny", in_channels=16, text_dim=32))
-    for p in dit.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    save_checkpoint(models / "diffusion_models" / DIT_NAME, dit.eval())
-    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-                                 feed_forward_proj="gated-gelu"))
-    save_file({k: v.contiguous().clone() for k, v in t5.state_dict().items()},
-              str(models / "text_encoders" / T5_NAME))
-    save_file(random_flux_vae(), str(models / "vae" / VAE_NAME))
-
-
-def random_flux_vae() -> dict:
-    """A randomly initialised VAE with FLUX ae.safetensors' architecture and keys (encoder.*,
-    decoder.*; ch 128, ch_mult 1,2,4,4, z 16, no quant convs), in fp16 as shipped. Core
-    VAELoader recognises it from the state dict alone."""
-    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
-    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    sd = {}
-    torch.manual_seed(0)
-    for prefix, module in (("encoder", Encoder(**ddconfig)), ("decoder", Decoder(**ddconfig))):
-        for sub in module.modules():  # comfy's ops skip weight init; use torch's
-            for base in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm):
-                if isinstance(sub, base):
-                    base.reset_parameters(sub)
-        sd.update({f"{prefix}.{k}": v.to(torch.float16).contiguous() for k, v in module.state_dict().items()})
-    return sd
-
-
-# --- the server --------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_json(url: str, timeout: float = 10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-class Server:
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.output = root / "output"
-        self.log_path = root / "server.log"
-        self.proc = None
-
-    def start(self, timeout: float = 180):
-        for d in ("output", "input", "temp", "user/default"):
-            (self.root / d).mkdir(parents=True, exist_ok=True)
-        paths = self.root / "extra_model_paths.yaml"
-        paths.write_text(f"oboro_browser_test:\n  base_path: {self.root / 'models'}\n  is_default: true\n"
-                         "  diffusion_models: diffusion_models\n  text_encoders: text_encoders\n  vae: vae\n")
-        # A fresh user: skip the first-run template pop-up (the test opens the browser itself) and
-        # keep the missing-node/model warnings on whatever the defaults become.
-        (self.root / "user/default/comfy.settings.json").write_text(json.dumps({
-            "Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingNodesWarning": True,
-            "Comfy.Workflow.ShowMissingModelsWarning": True}))
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--extra-model-paths-config", str(paths), "--output-directory", str(self.output),
-               "--input-directory", str(self.root / "input"), "--temp-directory", str(self.root / "temp"),
-               "--user-directory", str(self.root / "user"), "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch", "--disable-api-nodes"]
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=oboro_env.comfy_path(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} while starting\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "/", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ComfyUI did not answer on {self.url} within {timeout}s\n{self.log()}")
-            time.sleep(0.5)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(15)
-            except ProcessLookupError:
-                pass
-        if self.proc:
-            self._log.close()
-
-    def log(self, tail: int = 20000) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return f"----- ComfyUI server log ({self.log_path}) -----\n{text[-tail:]}"
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    save_tiny_models(root / "models")
-    srv = Server(root)
+def server(tmp_path_factory, model_root):
+    srv = Server(tmp_path_factory.mktemp("browser"), model_root)
     try:
         srv.start()
         yield srv

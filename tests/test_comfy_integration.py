@@ -1,34 +1,18 @@
 """The MMH-DiT as a MODEL inside a real ComfyUI 0.3.75, driven through its executor and core nodes."""
-import logging
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from oboro.oboro_model import MMHDiT, preset, save_checkpoint
-
-TEXT_DIM = 32
-
-
-def tiny_dit(seed=0, in_channels=16):
-    torch.manual_seed(seed)
-    m = MMHDiT(preset("tiny", in_channels=in_channels, text_dim=TEXT_DIM))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return m.eval()
+from oboro.oboro_model import save_checkpoint
+from tiny import TEXT_DIM, save_t5, tiny_dit, tiny_t5
 
 
 @pytest.fixture(scope="module")
 def models(comfy):
     """A tiny DiT checkpoint and a tiny T5 (d_model 32) in the temporary model folders."""
-    from transformers import T5Config, T5EncoderModel
     dit = tiny_dit()
     save_checkpoint(comfy.models / "diffusion_models" / "tiny.safetensors", dit)
-    torch.manual_seed(0)
-    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=TEXT_DIM, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-                                 feed_forward_proj="gated-gelu"))
-    save_file({k: v.contiguous().clone() for k, v in t5.state_dict().items()},
-              str(comfy.models / "text_encoders" / "tiny_t5.safetensors"))
+    save_t5(comfy.models / "text_encoders" / "tiny_t5.safetensors", tiny_t5())
     return dit
 
 

@@ -2,25 +2,19 @@
 against a real ComfyUI server), and bad input: exit code 2, every problem named, no files."""
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from oboro.oboro_model import MMHDiT, preset, save_checkpoint
+from comfy_server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "scripts" / "oboro-run"
 WORKFLOWS = ("oboro_txt2img", "oboro_img2img")
-TEXT_DIM = 32
 CPU = [] if os.environ.get("OBORO_TEST_GPU") == "1" else ["--cpu"]
 FAST = ["--set", "OboroSampler.steps=2"]
 FAST_T2I = FAST + ["--set", "EmptyOboroLatentImage.width=64", "--set", "EmptyOboroLatentImage.height=48"]
@@ -29,46 +23,6 @@ FAST_I2I = FAST + ["--set", "ImageScale.width=64", "--set", "ImageScale.height=4
 
 def workflow(name, api=False):
     return REPO / "workflows" / f"{name}{'.api' if api else ''}.json"
-
-
-def flux_vae():
-    """A random VAE of the FLUX ae.safetensors architecture (ComfyUI picks it by its keys)."""
-    from comfy.ldm.models.autoencoder import AutoencodingEngine
-    cfg = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    vae = AutoencodingEngine(
-        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": cfg},
-        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": cfg})
-    with torch.no_grad():  # comfy's ops skip weight init
-        for name, p in vae.named_parameters():
-            if p.dim() > 1:
-                torch.nn.init.normal_(p, std=0.02)
-            else:
-                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-    return vae
-
-
-@pytest.fixture(scope="session")
-def model_root(tmp_path_factory):
-    """Tiny models under the shipped workflows' file names: oboro DiT (text_dim 32), T5 (d_model 32)
-    and a random FLUX-architecture VAE (fixed width, ~84M parameters, stored in fp16)."""
-    from transformers import T5Config, T5EncoderModel
-    root = tmp_path_factory.mktemp("oboro_models")
-    for kind in ("diffusion_models", "text_encoders", "vae", "loras"):
-        (root / kind).mkdir()
-    torch.manual_seed(0)
-    dit = MMHDiT(preset("tiny", in_channels=16, text_dim=TEXT_DIM))
-    for p in dit.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    save_checkpoint(root / "diffusion_models" / "oboro-base-v1-1b.safetensors", dit)
-    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=TEXT_DIM, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-                                 feed_forward_proj="gated-gelu"))
-    save_file({k: v.contiguous().clone() for k, v in t5.state_dict().items()},
-              str(root / "text_encoders" / "t5xxl_fp16.safetensors"))
-    save_file({k: v.half().contiguous() for k, v in flux_vae().state_dict().items()},
-              str(root / "vae" / "ae.safetensors"))
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -222,43 +176,12 @@ def test_every_problem_named_and_no_files(model_root, tmp_path):
 @pytest.fixture(scope="module")
 def server(model_root, tmp_path_factory):
     """ComfyUI's own main.py on 127.0.0.1 with the tiny models; everything it writes in a temp dir."""
-    import oboro_env
-    d = tmp_path_factory.mktemp("server")
-    yaml = d / "models.yaml"
-    yaml.write_text("oboro_test:\n    base_path: %s\n    diffusion_models: diffusion_models\n"
-                    "    text_encoders: text_encoders\n    vae: vae\n    loras: loras\n" % model_root)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for sub in ("output", "input", "temp", "user"):
-        (d / sub).mkdir()
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", *CPU, "--listen", "127.0.0.1", "--port", str(port),
-         "--extra-model-paths-config", str(yaml), "--output-directory", str(d / "output"),
-         "--input-directory", str(d / "input"), "--temp-directory", str(d / "temp"), "--user-directory",
-         str(d / "user"), "--database-url", f"sqlite:///{d / 'comfyui.db'}", "--disable-auto-launch"],
-        cwd=oboro_env.comfy_path(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    srv = Server(tmp_path_factory.mktemp("server"), model_root)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/system_stats", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ComfyUI server did not start:\n{(d / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url
+        srv.start()
+        yield srv.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        srv.stop()
 
 
 def test_server_round_robin(server, input_image, tmp_path):

@@ -110,10 +110,13 @@ class CachedLatents(torch.utils.data.Dataset):
         return {**self.__dict__, "_handles": {}}
 
 
-def load_cached_dataset(path) -> CachedLatents:
+def load_cached_dataset(path):
     """The pre-encoded training set at `path` (a .safetensors file or a folder of them). The one
     seam to the data format: swap this function for another cache layout."""
     p = Path(path)
+    if (p / "manifest.json").is_file():  # a cache written by OboroCacheLatents / build_cache
+        from ..data import LatentCache
+        return LatentCache(p)
     files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
     if not files or not all(f.is_file() for f in files):
         raise FileNotFoundError(f"{p}: no .safetensors latent cache found")
