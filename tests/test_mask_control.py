@@ -1,0 +1,226 @@
+"""Mask + text control (oboro_model.mask_control): cached static path == recomputed, the three
+condition modes, strength, adapter files, mask resizing and label errors, frozen base training."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oboro.oboro_model.mask_control import (MaskAdapterConfig, MaskControlDiT, condition_dropout,
+                                            labels_to_grid, load_mask_adapter, palette_to_labels,
+                                            region_mask_to_labels, save_mask_adapter)
+from oboro.samplers.ode import solve, time_grid
+from tiny import tiny_dit
+
+K, B, LAT, PIX = 5, 2, 8, 64  # labels, batch, latent side, pixel side (vae_scale 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(decoupled=True, seed=0, **kw):
+    """Tiny random base; adapter weights random too (LoRA up is 0 at init), so every path counts."""
+    m = MaskControlDiT(tiny_dit(seed, in_channels=4), MaskAdapterConfig(num_labels=K, decoupled=decoupled, **kw))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.eval()
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 4, LAT, LAT, generator=g)
+    text = torch.randn(B, 5, 32, generator=g)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    labels = torch.randint(0, K, (B, PIX, PIX), generator=g)
+    return x, torch.tensor([0.3, 0.7]), text, text_mask, labels
+
+
+@pytest.mark.parametrize("static_t", [None, 0.5])
+def test_cached_static_path_equals_recompute_each_step(static_t):
+    m = make(static_t=static_t)
+    x, _, text, tm, labels = inputs()
+    with torch.no_grad():
+        cache = m.precompute_static(text, tm, labels, B, size=(LAT, LAT))
+        ts = time_grid(3)
+        cached = solve(lambda z, t: m(z, torch.full((B,), t), text, tm, labels, static_cache=cache), x, ts, "heun")
+        fresh = solve(lambda z, t: m(z, torch.full((B,), t), text, tm, labels), x, ts, "heun")
+    assert (cached - fresh).abs().max().item() <= 1e-5
+    # a prompt given once ([1, L]) is expanded to the batch like the sampler's conds
+    with torch.no_grad():
+        c1 = m.precompute_static(text[:1], tm[:1], labels[:1], B, size=(LAT, LAT))
+        u1 = m(x, torch.full((B,), 0.5), text[:1].expand(B, -1, -1), tm[:1].expand(B, -1), labels[:1], static_cache=c1)
+        u2 = m(x, torch.full((B,), 0.5), text[:1], tm[:1], labels[:1].expand(B, -1, -1))
+    assert (u1 - u2).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="rebuild"):
+        m(x[:1], torch.tensor([0.5]), text[:1], tm[:1], labels[:1], static_cache=cache)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_mask_only_text_only_and_both_run(decoupled):
+    m = make(decoupled)
+    x, t, text, tm, labels = inputs()
+    empty = torch.zeros(B, 0, 32)
+    with torch.no_grad():
+        outs = {"mask only": m(x, t, empty, None, labels),
+                "mask only (masked prompt)": m(x, t, text, torch.zeros_like(tm), labels),
+                "text only": m(x, t, text, tm, None),
+                "both": m(x, t, text, tm, labels)}
+    for name, u in outs.items():
+        assert u.shape == x.shape and torch.isfinite(u).all(), name
+    assert not torch.allclose(outs["both"], outs["text only"])
+    assert not torch.allclose(outs["both"], outs["mask only"])
+
+
+def test_holistic_without_mask_is_the_base_model_exactly():
+    m = make(decoupled=False)
+    x, t, text, tm, labels = inputs()
+    with torch.no_grad():
+        ref = m.base(x, t, text, tm)
+        assert torch.equal(m(x, t, text, tm, None), ref)
+        dropped = m(x, t, text, tm, labels, mask_keep=torch.zeros(B, dtype=torch.bool))
+    assert (dropped - ref).abs().max().item() <= 1e-5
+    # decoupled and holistic are different computations (the text pathway is static)
+    m.decoupled = True
+    with torch.no_grad():
+        assert not torch.allclose(m(x, t, text, tm, None), ref)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_strength_zero_is_no_mask(decoupled):
+    m = make(decoupled)
+    x, t, text, tm, labels = inputs()
+    with torch.no_grad():
+        no_mask = m(x, t, text, tm, None)
+        full = m(x, t, text, tm, labels)
+        m.strength = 0.0
+        off = m(x, t, text, tm, labels)
+        m.strength = 0.5
+        half = m(x, t, text, tm, labels)
+    assert (off - no_mask).abs().max().item() <= 1e-5
+    assert not torch.allclose(full, no_mask) and not torch.allclose(half, full)
+    m.strength = -1.0
+    with pytest.raises(ValueError, match="strength"):
+        m(x, t, text, tm, labels)
+
+
+def test_adapter_save_load_round_trip(tmp_path):
+    m = make()
+    x, t, text, tm, labels = inputs()
+    path = save_mask_adapter(tmp_path / "sub" / "mask.safetensors", m)
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    base = copy.deepcopy(m.base)
+    loaded = load_mask_adapter(path, base).eval()
+    assert loaded.cfg == m.cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, text, tm, labels), m(x, t, text, tm, labels))
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        assert not [k for k in f.keys() if k.startswith("base.")]
+        assert "oboro_mask_adapter" in f.metadata() and "oboro_base_config" in f.metadata()
+    from oboro.oboro_model import MMHDiT, preset
+    other = MMHDiT(preset("tiny", in_channels=4, text_dim=32, hidden_size=32, heads=(1, 1, 2, 2)))
+    with pytest.raises(ValueError, match=r"mask\.safetensors.*hidden_size: adapter 64 vs base 32"):
+        load_mask_adapter(path, other)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_mask_adapter(tmp_path / "nope.safetensors", base)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        load_mask_adapter(junk, base)
+
+
+def test_wrong_size_mask_is_resized_with_a_notice(caplog):
+    m = make()
+    x, t, text, tm, _ = inputs()
+    odd = torch.randint(0, K, (B, 20, 28), generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        u = m(x, t, text, tm, odd)
+    assert "20x28" in caplog.text and "64x64" in caplog.text
+    resized = F.interpolate(odd[:, None].float(), size=(PIX, PIX), mode="nearest")[:, 0].long()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        assert torch.equal(u, m(x, t, text, tm, resized))
+        m(x, t, text, tm, resized[:, ::8, ::8])  # latent-size labels are accepted silently too
+    assert caplog.text == ""
+    # pixel-space labels become area fractions on the latent grid
+    frac = labels_to_grid(resized, K, (LAT, LAT), 8, B)
+    assert frac.shape == (B, K, LAT, LAT) and torch.allclose(frac.sum(1), torch.ones(B, LAT, LAT))
+
+
+def test_label_errors():
+    m = make()
+    x, t, text, tm, labels = inputs()
+    with pytest.raises(ValueError, match=f"found max label {K + 2}"):
+        m(x, t, text, tm, labels.clone().fill_(K + 2))
+    with pytest.raises(ValueError, match="must be integers"):
+        m(x, t, text, tm, labels.float())
+    with pytest.raises(ValueError, match="precompute_static with a mask needs size"):
+        m.precompute_static(text, tm, labels)
+    with pytest.raises(ValueError, match="only 'onehot_patch'"):
+        MaskAdapterConfig(mask_embed="vae")
+
+
+def test_palette_and_region_masks():
+    pal = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
+    rgb = torch.tensor([[[0, 0, 0], [255, 0, 0]], [[0, 255, 0], [255, 0, 0]]], dtype=torch.uint8)
+    assert palette_to_labels(rgb, pal).tolist() == [[0, 1], [2, 1]]
+    assert palette_to_labels(rgb.float() / 255, pal).tolist() == [[0, 1], [2, 1]]  # a ComfyUI IMAGE
+    bad = rgb.clone()
+    bad[0, 0] = torch.tensor([1, 2, 3])
+    bad[1, 1] = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match=r"1 colour\(s\) not in the palette \(2 pixels\): \(1, 2, 3\) x 2"):
+        palette_to_labels(bad, pal)
+    with pytest.raises(ValueError, match="twice"):
+        palette_to_labels(rgb, pal + [(0, 0, 0)])
+    region = torch.tensor([[0.0, 0.9], [0.2, 1.0]])
+    assert region_mask_to_labels(region).tolist() == [[0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_gradients_reach_only_the_adapter(decoupled):
+    m = make(decoupled).train()
+    x, t, text, tm, labels = inputs()
+    m(x, t, text, tm, labels).square().mean().backward()
+    assert all(p.grad is None for p in m.base.parameters())
+    trainable = dict((n, p) for n, p in m.named_parameters() if p.requires_grad)
+    assert set(trainable.values()) == set(m.trainable_parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values()), \
+        [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    grads = [p.grad.clone() for p in trainable.values()]
+    m.zero_grad()
+    m.base.gradient_checkpointing = True
+    m(x, t, text, tm, labels).square().mean().backward()
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, trainable.values()))
+
+
+def test_optimizer_step_leaves_the_frozen_base_unchanged():
+    m = make().train()
+    before = {k: v.clone() for k, v in m.base.state_dict().items()}
+    adapter = [p.detach().clone() for p in m.trainable_parameters()]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    x, t, text, tm, labels = inputs()
+    tm2, keep = condition_dropout(m.cfg, tm, generator=torch.Generator().manual_seed(0))
+    m(x, t, text, tm2, labels, mask_keep=keep).square().mean().backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in m.base.state_dict().items())
+    assert any(not torch.equal(a, p) for a, p in zip(adapter, m.trainable_parameters()))
+
+
+def test_condition_dropout():
+    cfg = MaskAdapterConfig()
+    n = 20000
+    tm, keep = condition_dropout(cfg, torch.ones(n, 3), generator=torch.Generator().manual_seed(0))
+    text_dropped = (tm.sum(1) == 0).float().mean().item()
+    mask_dropped = (~keep).float().mean().item()
+    assert abs(text_dropped - 0.1) < 0.01 and abs(mask_dropped - 0.1) < 0.01
+    assert set(tm.sum(1).tolist()) <= {0.0, 3.0}
