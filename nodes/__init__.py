@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 from .loader import OboroModelLoader
 from .sampling import EmptyOboroLatentImage, OboroFlowScheduler, OboroSampler, SamplerOboroICFM
 from .text_encoder import OboroT5Loader, OboroTextEncode
+from .training import OboroTrainFull, OboroTrainLoRA
 from .training_data import OboroCacheLatents
 
 
@@ -16,4 +17,4 @@ class OboroExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [OboroModelLoader, OboroT5Loader, OboroTextEncode,
                 OboroSampler, OboroFlowScheduler, SamplerOboroICFM, EmptyOboroLatentImage,
-                OboroCacheLatents]
+                OboroCacheLatents, OboroTrainLoRA, OboroTrainFull]

@@ -115,16 +115,17 @@ class OboroCacheLatents(io.ComfyNode):
                                         "below 4. Empty: no tags."),
                 io.Int.Input("height", default=0, min=0, max=8192, step=8, optional=True,
                              tooltip="fixed policy: height (0: same as size)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True, control_after_generate=False,
                              tooltip="Seed of the (deterministic) random crops."),
             ],
-            outputs=[io.String.Output("cache_dir"), io.String.Output("report")],
+            outputs=[io.String.Output("cache_dir", display_name="cache_dir"),
+                     io.String.Output("report", display_name="report")],
             is_output_node=True,
         )
 
     @classmethod
     def fingerprint_inputs(cls, dataset_dir="", cache_name="", **kwargs):
-        """Re-run when any file under dataset_dir or the cache's manifest changes."""
+        """Re-run when any file under dataset_dir changes or the cache disappears."""
         if not dataset_dir or not os.path.isdir(dataset_dir):
             return f"missing:{dataset_dir}"
         h = hashlib.sha256()
@@ -136,9 +137,9 @@ class OboroCacheLatents(io.ComfyNode):
                     h.update(f"{d}/{n}:{st.st_size}:{st.st_mtime_ns}".encode())
                 except OSError:
                     pass
-        try:
-            h.update(str(os.stat(cache_folder(cache_name) / MANIFEST).st_mtime_ns).encode())
-        except (OSError, ValueError):
+        try:  # existence, not mtime: every run rewrites the manifest, which must not force a re-run
+            h.update(str((cache_folder(cache_name) / MANIFEST).is_file()).encode())
+        except ValueError:
             pass
         return h.hexdigest()
 

@@ -1,0 +1,302 @@
+"""OboroTrainLoRA / OboroTrainFull: train an oboro MODEL on a latent cache (OboroCacheLatents) with
+the pure-PyTorch Trainer, inside ComfyUI.
+
+ComfyUI runs nodes under torch.inference_mode(), and its MODEL's weights are inference tensors
+behind ComfyUI's ops. Training therefore runs on a fresh plain MMHDiT (torch.nn + sdpa) holding
+fp32 copies of the MODEL's weights (patches such as LoRAs merged in), made and trained with
+inference mode off. Outputs: a LoRA (ComfyUI key format) in models/loras, applied to the input
+MODEL exactly as LoraLoaderModelOnly applies the saved file; or a full checkpoint in
+models/diffusion_models, loaded back with load_oboro_model. Resumable training states go to
+output/oboro_training/<output_name>/; interrupting writes one, then re-raises the interrupt.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..oboro_model import MMHDiT, save_checkpoint
+from ..oboro_model.checkpoint import check_state_dict
+from ..oboro_model.data import LatentCache
+from ..oboro_model.training import StopTraining, TrainConfig, list_checkpoints
+from ..oboro_model.training.loss import T_SAMPLING
+from ..oboro_model.training.optim import OPTIMIZERS, SCHEDULES
+from ..oboro_model.training.trainer import PRECISIONS
+from .comfy_model import load_oboro_model
+from .training_preview import (BucketTrainer, CastForSaving, Previews, black_image, encode_plain, load_history,
+                               loss_curve_image, resume_file, save_history)
+
+log = logging.getLogger("oboro")
+STATE_ROOT = "oboro_training"
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LORA_TARGETS = ("attn", "mlp", "all")
+
+
+def _inside(root, name: str) -> Path:
+    root = Path(root).resolve()
+    path = (root / name).resolve()
+    if not name.strip() or not path.is_relative_to(root) or path == root:
+        raise ValueError(f"output_name {name!r} must be a plain name (or sub/path) inside {root}")
+    return path
+
+
+def _send_text(text: str) -> None:
+    """Progress text under the node in the browser (absent headless: no PromptServer)."""
+    from comfy_execution.utils import get_executing_context
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    ctx = get_executing_context()
+    if server is not None and ctx is not None:
+        server.send_progress_text(text, ctx.node_id)
+
+
+def _plain_weights(model, device) -> dict:
+    """fp32 copies of the MODEL's diffusion weights with its patches merged (as ComfyUI's own
+    checkpoint saving does), made outside inference mode so autograd may use them."""
+    if model.patches:
+        mm.load_models_gpu([model], force_patch_weights=True)
+    sd = model.model.diffusion_model.state_dict()
+    with torch.inference_mode(False):
+        return {k: v.detach().to(device=device, dtype=torch.float32, copy=True) for k, v in sd.items()}
+
+
+def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_size: int, lr: float, warmup: int,
+          schedule: str, optimizer: str, grad_accum: int, clip_grad_norm: float, precision: str,
+          gradient_checkpointing: bool, caption_dropout: float, t_sampling: str, spike_guard: bool, seed: int,
+          checkpoint_every: int, keep_last: int, resume_from: str = "", clip=None, vae=None,
+          preview_prompts: str = "", preview_every: int = 0, preview_steps: int = 20, preview_cfg: float = 5.0,
+          preview_seed: int = 0, rank: int = 16, alpha: float = 16.0, dropout: float = 0.0, targets: str = "attn",
+          save_dtype: str = "bf16") -> io.NodeOutput:
+    node = "OboroTrainLoRA" if kind == "lora" else "OboroTrainFull"
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(dm, MMHDiT):
+        raise ValueError(f"{node} trains oboro models: connect a MODEL from OboroModelLoader, got {type(dm).__name__}")
+    if not (cache_dir or "").strip():
+        raise ValueError(f"{node}: cache_dir is empty; connect OboroCacheLatents' cache_dir output")
+    config, fmt = dm.config, model.model.latent_format
+    stem = output_name.strip().removesuffix(".safetensors")
+    target = _inside(folder_paths.get_folder_paths("loras" if kind == "lora" else "diffusion_models")[0],
+                     stem + ".safetensors")
+    state_dir = _inside(Path(folder_paths.get_output_directory()) / STATE_ROOT, stem)
+    resume = resume_file(resume_from, state_dir)
+    if resume is None and list_checkpoints(state_dir):
+        raise ValueError(f"{node}: {state_dir} already holds training states of an earlier run; set resume_from to "
+                         "'latest' to continue it, or pick another output_name (or delete that folder)")
+    cache = LatentCache(cache_dir, transform=fmt.process_in)
+    if len(cache) == 0:
+        raise ValueError(f"{node}: the latent cache {cache_dir} is empty")
+    first = cache[0]
+    if first["latent"].shape[0] != config.in_channels or first["text"].shape[-1] != config.text_dim:
+        raise ValueError(f"{node}: the cache holds {first['latent'].shape[0]}-channel latents and "
+                         f"{first['text'].shape[-1]}-wide text states; this model takes {config.in_channels} and "
+                         f"{config.text_dim} (same VAE and T5 as the model?)")
+    max_tokens = int(cache.settings.get("max_tokens", 256))
+    prompts = [p.strip() for p in (preview_prompts or "").splitlines() if p.strip()]
+    previews = None
+    if preview_every > 0 and (clip is None or not prompts):
+        log.warning("%s: previews need a clip (T5) and preview_prompts; none will be rendered", node)
+    elif preview_every > 0:
+        previews = Previews(clip, prompts, first["latent"].shape, preview_steps, preview_cfg, preview_seed, max_tokens)
+    empty_text, empty_mask = encode_plain(clip, "", max_tokens) if clip is not None else (None, None)
+    device = mm.get_torch_device()
+    weights = _plain_weights(model, device)
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, optimizer=optimizer,
+                      warmup=warmup, schedule=schedule, clip_grad_norm=clip_grad_norm or None,
+                      precision=PRECISION[precision], gradient_checkpointing=gradient_checkpointing,
+                      caption_dropout=caption_dropout, t_sampling=t_sampling, spike_guard=spike_guard, seed=seed,
+                      checkpoint_every=checkpoint_every, keep_last=keep_last, output_dir=str(state_dir))
+    amp, t0, st = PRECISIONS[cfg.precision], time.time(), {"interrupted": False, "spikes": 0, "said": 0.0}
+    with torch.inference_mode(False), torch.enable_grad():
+        with torch.device("meta"):
+            net = MMHDiT(config)
+        weights = {k: weights[k] for k in net.state_dict() if k in weights}
+        check_state_dict(net, weights, f"{node} input MODEL")
+        net.load_state_dict(weights, strict=True, assign=True)
+        del weights
+        if kind == "lora":
+            from ..oboro_model.training.lora import add_lora, save_lora
+            add_lora(net, rank=rank, alpha=alpha, dropout=dropout, targets=targets)
+        trainer = BucketTrainer(net, cache, cfg, empty_text=empty_text, empty_mask=empty_mask)
+        if resume is not None:
+            trainer.resume(resume)
+        start = trainer.step
+        history = load_history(resume, start)
+        pbar = comfy.utils.ProgressBar(steps)
+        pbar.update_absolute(start, steps)
+
+        def callback(step, loss, lr_now, rate):
+            spikes = trainer.guard.spikes if trainer.guard is not None else st["spikes"] + (not math.isfinite(loss))
+            for key, v in (("step", step), ("loss", loss), ("lr", lr_now)):
+                history[key].append(v)
+            if spikes > st["spikes"]:
+                history["spikes"].append(step)
+            st["spikes"] = spikes
+            if previews is not None and step % preview_every == 0:
+                previews.render(net, step, device, amp)
+            if checkpoint_every and step % checkpoint_every == 0:
+                save_history(state_dir, history)
+            text = f"step {step}/{steps}  loss {loss:.4f}  lr {lr_now:.3g}  {rate:.2f} it/s"
+            if time.time() - st["said"] > 1.0 or step == steps:
+                st["said"] = time.time()
+                log.info("%s %s: %s", node, stem, text)
+                _send_text(text)
+            try:
+                pbar.update_absolute(step, steps)
+                mm.throw_exception_if_processing_interrupted()
+            except mm.InterruptProcessingException:
+                st["interrupted"] = True
+                raise StopTraining from None
+
+        try:
+            trainer.train(callback)
+        finally:
+            save_history(state_dir, history)
+        if st["interrupted"]:
+            log.warning("%s: interrupted at step %d; resume with resume_from='latest' (state in %s)", node,
+                        trainer.step, state_dir)
+            raise mm.InterruptProcessingException()
+        if previews is not None and trainer.step > start and previews.row_steps[-1:] != [trainer.step]:
+            previews.render(net, trainer.step, device, amp)
+        if trainer.schedule_free:
+            trainer.optimizer.eval()  # export the averaged weights ScheduleFree evaluates with
+        info = {"oboro_training": json.dumps({"kind": kind, "step": trainer.step, "cache_dir": str(cache.folder),
+                                              "items": len(cache), "lr": lr, "batch_size": batch_size,
+                                              "grad_accum": grad_accum, "optimizer": optimizer, "seed": seed})}
+        if kind == "lora":
+            save_lora(target, net, metadata=info)
+        else:
+            save_checkpoint(target, CastForSaving(net, SAVE_DTYPES[save_dtype]), metadata=info)
+        step, states = trainer.step, list_checkpoints(state_dir)
+        trainer = net = None  # (the scheduler's lambdas make a cycle: collect before freeing the cache)
+    gc.collect()
+    mm.soft_empty_cache()
+    log.info("%s: saved %s after step %d", node, target, step)
+    if kind == "lora":
+        lora_sd = comfy.utils.load_torch_file(str(target), safe_load=True)
+        out_model = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)[0]
+    else:
+        out_model = load_oboro_model(str(target))
+    curve = loss_curve_image(history, f"{node}: {stem}")
+    images = previews.images(fmt, vae) if previews is not None else None
+    if previews is not None and images is None:
+        log.warning("%s: connect a VAE to decode the previews of a %d-channel model", node, config.in_channels)
+    summary = {"path": str(target), "state_dir": str(state_dir), "last_state": str(states[-1]) if states else None,
+               "start_step": start, "step": step, "items": len(cache), "spikes": len(history["spikes"]),
+               "final_loss": history["loss"][-1] if history["loss"] else None, "preview_steps":
+               previews.row_steps if previews is not None else [], "seconds": round(time.time() - t0, 1)}
+    text = json.dumps(summary, indent=1)
+    return io.NodeOutput(out_model, str(target), curve, images if images is not None else black_image(),
+                         ui={"text": (text,)})
+
+
+def schema(kind: str) -> io.Schema:
+    lora = kind == "lora"
+    extra = [
+        io.Int.Input("rank", default=16, min=1, max=1024, tooltip="LoRA rank."),
+        io.Float.Input("alpha", default=16.0, min=0.01, max=4096.0, step=0.01,
+                       tooltip="LoRA alpha; the update is scaled by alpha / rank."),
+        io.Float.Input("dropout", default=0.0, min=0.0, max=0.99, step=0.01, tooltip="Dropout on the LoRA input."),
+        io.Combo.Input("targets", options=list(LORA_TARGETS), default="attn",
+                       tooltip="attn: attention qkv + out; mlp: SwiGLU w1/w2/w3; all: both."),
+    ] if lora else [
+        io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default="bf16",
+                       tooltip="Dtype of the saved checkpoint (training itself runs on fp32 weights)."),
+    ]
+    return io.Schema(
+        node_id="OboroTrainLoRA" if lora else "OboroTrainFull",
+        display_name="oboro Train LoRA" if lora else "oboro Train (full fine-tune)",
+        category="oboro/training",
+        description=("Trains a LoRA on an oboro model" if lora else "Fine-tunes all weights of an oboro model")
+        + " from a latent cache (OboroCacheLatents) with the I-CFM loss. Saves to models/"
+        + ("loras" if lora else "diffusion_models") + "/<output_name>.safetensors; resumable training states go to "
+        "output/oboro_training/<output_name>/ (also on interrupt). Outputs the trained MODEL, the file path, a "
+        "loss curve and preview images.",
+        inputs=[
+            io.Model.Input("model", tooltip="From OboroModelLoader; patches already on it (e.g. LoRAs) are merged in."),
+            io.String.Input("cache_dir", default="", tooltip="Connect OboroCacheLatents' cache_dir."),
+            io.String.Input("output_name", default="oboro_lora" if lora else "oboro_finetune",
+                            tooltip="File name stem of the result and name of its training-state folder."),
+            io.Int.Input("steps", default=1000 if lora else 2000, min=1, max=10_000_000,
+                         tooltip="Total optimiser updates (a resumed run continues up to this)."),
+            io.Int.Input("batch_size", default=4, min=1, max=4096),
+            io.Float.Input("lr", default=2e-4 if lora else 1e-4, min=1e-8, max=1.0, step=1e-7,
+                           tooltip="Peak learning rate (AdamW betas 0.9/0.999, eps 1e-8, weight decay 0.01)."),
+            io.Int.Input("warmup", default=100 if lora else 500, min=0, max=1_000_000, tooltip="Linear warm-up steps."),
+            io.Combo.Input("schedule", options=list(SCHEDULES), default="cosine",
+                           tooltip="LR schedule after warm-up; schedulefree needs 'constant'."),
+            io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
+                           tooltip="adamw; schedulefree (pip install schedulefree); adamw8bit (bitsandbytes, CUDA)."),
+            io.Int.Input("grad_accum", default=1, min=1, max=4096, tooltip="Micro-batches per update."),
+            io.Float.Input("clip_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.01, tooltip="0: no clipping."),
+            io.Combo.Input("precision", options=list(PRECISION), default="bf16",
+                           tooltip="Autocast dtype (weights stay fp32); fp16 adds a grad scaler."),
+            io.Boolean.Input("gradient_checkpointing", default=not lora,
+                             tooltip="Recompute block activations in the backward pass: less memory, ~30% slower."),
+            io.Float.Input("caption_dropout", default=0.1, min=0.0, max=1.0, step=0.01,
+                           tooltip="Fraction of samples trained on the empty prompt (what CFG's negative uses; "
+                                   "T5('') when a clip is connected, else no text at all)."),
+            io.Combo.Input("t_sampling", options=list(T_SAMPLING), default="uniform",
+                           tooltip="Distribution of training times t (logit_normal favours mid-path)."),
+            io.Boolean.Input("spike_guard", default=True,
+                             tooltip="Skip updates whose loss spikes (or is NaN) and halve the LR."),
+            io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                         tooltip="Seeds data order and noise; a resumed run keeps its saved random state."),
+            io.Int.Input("checkpoint_every", default=250 if lora else 500, min=0, max=10_000_000,
+                         tooltip="Write a resumable training state every N steps (0: only at the end)."),
+            io.Int.Input("keep_last", default=3 if lora else 2, min=0, max=10_000,
+                         tooltip="Training states kept (0: all). Full fine-tune states hold weights + optimiser."),
+            *extra,
+            io.String.Input("resume_from", default="", optional=True,
+                            tooltip="Empty: fresh start. 'latest': newest state of output_name (fresh if none). Or a "
+                                    "state file/folder, absolute or relative to output/oboro_training."),
+            io.Clip.Input("clip", optional=True, tooltip="T5 from OboroT5Loader: previews and the empty prompt."),
+            io.Vae.Input("vae", optional=True, tooltip="Decodes previews (not needed for pixel-space models)."),
+            io.String.Input("preview_prompts", default="", multiline=True, optional=True,
+                            tooltip="One prompt per line; rendered every preview_every steps."),
+            io.Int.Input("preview_every", default=0, min=0, max=10_000_000, optional=True,
+                         tooltip="Render previews every N steps and at the end (0: off)."),
+            io.Int.Input("preview_steps", default=20, min=1, max=1000, optional=True, tooltip="Euler ODE steps."),
+            io.Float.Input("preview_cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01, optional=True),
+            io.Int.Input("preview_seed", default=0, min=0, max=2**31 - 1, control_after_generate=False, optional=True,
+                         tooltip="Prompt i uses seed preview_seed + i (OboroSampler's noise for that seed)."),
+        ],
+        outputs=[io.Model.Output(), io.String.Output("path", display_name="path"),
+                 io.Image.Output("loss_curve", display_name="loss_curve"),
+                 io.Image.Output("previews", display_name="previews",
+                                 tooltip="One row per preview step, the prompts side by side.")],
+        is_output_node=True,
+    )
+
+
+class OboroTrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema("lora")
+
+    @classmethod
+    def execute(cls, **kwargs) -> io.NodeOutput:
+        return train("lora", **kwargs)
+
+
+class OboroTrainFull(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema("full")
+
+    @classmethod
+    def execute(cls, **kwargs) -> io.NodeOutput:
+        return train("full", **kwargs)

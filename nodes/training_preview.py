@@ -1,0 +1,214 @@
+"""Helpers of the training nodes (nodes/training.py): bucket-aware batching, resume paths, the loss
+log kept next to the training states, the loss-curve IMAGE, and preview images sampled from the
+model being trained with oboro's own ODE sampler (samplers.ode.sample), decoded after training."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..oboro_model.training import Trainer, latest_checkpoint, list_checkpoints
+from ..samplers.ode import prepare_noise, sample
+from .text_encoder import encode_text
+
+log = logging.getLogger("oboro")
+LOSS_LOG = "loss_log.json"
+
+
+# ---- batching, saving, resuming ---------------------------------------------------------------
+class BucketTrainer(Trainer):
+    """A Trainer whose steps never mix aspect buckets (a step's samples and noise share one shape).
+    With several buckets an epoch is a seeded shuffle of whole steps: each bucket's shuffled indices
+    cut into runs of batch_size * grad_accum, the last run topped up from the bucket's start. With
+    one bucket it is the plain Trainer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        groups: dict = {}
+        for i in range(len(self.dataset)):
+            groups.setdefault(tuple(self.dataset.bucket_of(i)), []).append(i)
+        self.groups = [groups[k] for k in sorted(groups)]
+
+    def _next_indices(self, n: int) -> list[int]:
+        if len(self.groups) < 2:
+            return super()._next_indices(n)
+        out: list[int] = []
+        while len(out) < n:  # every epoch's length is a multiple of n: a step is one whole run
+            if self.pos >= len(self.order):
+                self.order, self.pos = self._epoch_order(n), 0
+                self.epoch += 1
+            take = min(n - len(out), len(self.order) - self.pos)
+            out += self.order[self.pos:self.pos + take].tolist()
+            self.pos += take
+        return out
+
+    def _epoch_order(self, B: int) -> torch.Tensor:
+        runs = []
+        for idx in self.groups:
+            perm = torch.tensor(idx)[torch.randperm(len(idx), generator=self.data_gen)]
+            if len(perm) % B:
+                perm = torch.cat([perm, perm.repeat(B)[:B - len(perm) % B]])
+            runs += list(perm.split(B))
+        return torch.cat([runs[i] for i in torch.randperm(len(runs), generator=self.data_gen).tolist()])
+
+
+class CastForSaving:
+    """What save_checkpoint needs of a model (config, state_dict), with the weights cast."""
+
+    def __init__(self, net, dtype):
+        self.config, self.net, self.dtype = net.config, net, dtype
+
+    def state_dict(self):
+        return {k: v.detach().to("cpu", self.dtype) for k, v in self.net.state_dict().items()}
+
+
+def resume_file(resume_from: str, state_dir: Path):
+    """None (fresh start), or the training-state file to resume from. 'latest' is the newest state
+    of this output_name (none yet: a fresh start); else a state file or folder, absolute or
+    relative to output/oboro_training."""
+    r = (resume_from or "").strip()
+    if not r:
+        return None
+    if r == "latest":
+        found = list_checkpoints(state_dir)
+        return found[-1] if found else None
+    p = Path(r)
+    return latest_checkpoint(p if p.is_absolute() else state_dir.parent / p)
+
+
+# ---- loss log -----------------------------------------------------------------------------------
+def new_history() -> dict:
+    return {"step": [], "loss": [], "lr": [], "spikes": [], "resumed_at": []}
+
+
+def load_history(state_file: Optional[Path], upto: int) -> dict:
+    """The loss log next to a resumed state, cut to the steps that state has seen."""
+    h = new_history()
+    if state_file is None:
+        return h
+    try:
+        old = json.loads((Path(state_file).parent / LOSS_LOG).read_text(encoding="utf-8"))
+        keep = [i for i, s in enumerate(old["step"]) if s <= upto]
+        h.update({k: [old[k][i] for i in keep] for k in ("step", "loss", "lr")})
+        h["spikes"] = [s for s in old.get("spikes", []) if s <= upto]
+        h["resumed_at"] = [s for s in old.get("resumed_at", []) if s <= upto]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        log.info("oboro training: no usable %s next to %s; the loss curve starts at step %d", LOSS_LOG,
+                 state_file, upto)
+    if upto:
+        h["resumed_at"].append(upto)
+    return h
+
+
+def save_history(state_dir: Path, history: dict) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / (LOSS_LOG + ".tmp")
+    tmp.write_text(json.dumps(history, allow_nan=True), encoding="utf-8")
+    os.replace(tmp, state_dir / LOSS_LOG)
+
+
+# ---- images -------------------------------------------------------------------------------------
+def black_image(size: int = 64) -> torch.Tensor:
+    return torch.zeros(1, size, size, 3)
+
+
+def loss_curve_image(history: dict, title: str) -> torch.Tensor:
+    """IMAGE [1, 450, 800, 3]: raw loss, its bias-corrected EMA, spikes the guard caught (red x)
+    and resume points (dashed). matplotlib's object API on an Agg canvas: no pyplot global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    steps, losses = history["step"], history["loss"]
+    finite = [(s, v) for s, v in zip(steps, losses) if v is not None and math.isfinite(v)]
+    if finite:
+        xs, ys = zip(*finite)
+        ax.plot(xs, ys, color="tab:blue", alpha=0.35, linewidth=0.8, label="loss")
+        beta, avg, ema = 0.95 if len(ys) > 50 else 0.8, 0.0, []
+        for i, v in enumerate(ys):
+            avg = beta * avg + (1 - beta) * v
+            ema.append(avg / (1 - beta ** (i + 1)))
+        ax.plot(xs, ema, color="tab:blue", linewidth=1.8, label=f"EMA ({beta})")
+        top = max(ys)
+        spikes = [(s, v if v is not None and math.isfinite(v) else top) for s, v in zip(steps, losses)
+                  if s in set(history["spikes"])]
+        if spikes:
+            sx, sy = zip(*spikes)
+            ax.scatter(sx, [min(v, top) for v in sy], marker="x", color="tab:red", zorder=3,
+                       label=f"spike caught ({len(spikes)})")
+        for i, s in enumerate(history["resumed_at"]):
+            ax.axvline(s, color="gray", linestyle="--", linewidth=0.8, label="resumed" if i == 0 else None)
+        ax.legend(loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no training steps recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel("I-CFM loss (MSE)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    return torch.from_numpy(rgba[..., :3].copy()).float().div_(255.0)[None]
+
+
+# ---- previews -----------------------------------------------------------------------------------
+def encode_plain(clip, text: str, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden [L, D] fp32, mask [L]) on the CPU, as plain (not inference-mode) tensors."""
+    conds, _ = encode_text(clip, text, max_tokens)
+    cond, extra = conds[0]
+    with torch.inference_mode(False):
+        return cond[0].float().cpu().clone(), extra["attention_mask"][0].cpu().clone()
+
+
+class Previews:
+    """Renders `prompts` (seed preview_seed + i each, the noise OboroSampler draws for that seed)
+    with the model being trained, CFG against the empty prompt; keeps latents on the CPU."""
+
+    def __init__(self, clip, prompts: list[str], latent_shape, steps: int, cfg: float, seed: int,
+                 max_tokens: int = 256):
+        self.steps, self.cfg, self.rows, self.row_steps = steps, cfg, [], []
+        conds = [encode_plain(clip, p, max_tokens) for p in prompts]
+        L = max(t.shape[0] for t, _ in conds)
+        self.text = torch.stack([torch.cat([t, t.new_zeros(L - t.shape[0], t.shape[1])]) for t, _ in conds])
+        self.mask = torch.stack([torch.cat([m.long(), m.new_zeros(L - m.shape[0]).long()]) for _, m in conds])
+        self.negative = encode_plain(clip, "", max_tokens)
+        with torch.inference_mode(False):
+            zeros = torch.zeros(1, *latent_shape)
+            self.noise = torch.cat([prepare_noise(zeros, seed + i) for i in range(len(prompts))])
+
+    @torch.no_grad()
+    def render(self, model: torch.nn.Module, step: int, device, amp: Optional[torch.dtype] = None) -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                neg = tuple(t[None].to(device) for t in self.negative)
+                x = sample(model, self.noise.to(device), (self.text.to(device), self.mask.to(device)), neg,
+                           steps=self.steps, cfg=self.cfg)
+            self.rows.append(x.float().cpu())
+            self.row_steps.append(step)
+        finally:
+            model.train(was_training)
+
+    def images(self, latent_format, vae=None) -> Optional[torch.Tensor]:
+        """IMAGE [rows, H, W * prompts, 3]: one row per preview step, prompts side by side."""
+        if not self.rows:
+            return None
+        out = []
+        for lat in self.rows:
+            if vae is not None:
+                img = vae.decode(latent_format.process_out(lat)).float().cpu()
+                img = img.reshape(-1, *img.shape[-3:])
+            elif lat.shape[1] == 3:  # pixel space: the pixel_space VAE's decode is (x + 1) / 2
+                img = ((latent_format.process_out(lat) + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+            else:
+                return None
+            out.append(torch.cat(list(img), dim=1))
+        return torch.stack(out)
