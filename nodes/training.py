@@ -62,14 +62,23 @@ def _send_text(text: str) -> None:
         server.send_progress_text(text, ctx.node_id)
 
 
-def _plain_weights(model, device) -> dict:
+def _plain_weights(model, device, share: bool = False) -> dict:
     """fp32 copies of the MODEL's diffusion weights with its patches merged (as ComfyUI's own
-    checkpoint saving does), made outside inference mode so autograd may use them."""
+    checkpoint saving does), made outside inference mode so autograd may use them. With `share`
+    (LoRA on an unpatched model: the base stays frozen, nothing writes to it) fp32 weights already
+    on `device` are aliased instead of copied, saving a full copy of the model in memory."""
     if model.patches:
         mm.load_models_gpu([model], force_patch_weights=True)
+        share = False
     sd = model.model.diffusion_model.state_dict()
+    device = torch.device(device)
     with torch.inference_mode(False):
-        return {k: v.detach().to(device=device, dtype=torch.float32, copy=True) for k, v in sd.items()}
+        def plain(v):
+            if share and v.dtype == torch.float32 and v.device == device:
+                return torch.empty(0, dtype=v.dtype, device=v.device).set_(
+                    v.untyped_storage(), v.storage_offset(), v.shape, v.stride())
+            return v.detach().to(device=device, dtype=torch.float32, copy=True)
+        return {k: plain(v) for k, v in sd.items()}
 
 
 def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_size: int, lr: float, warmup: int,
@@ -111,7 +120,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
         previews = Previews(clip, prompts, first["latent"].shape, preview_steps, preview_cfg, preview_seed, max_tokens)
     empty_text, empty_mask = encode_plain(clip, "", max_tokens) if clip is not None else (None, None)
     device = mm.get_torch_device()
-    weights = _plain_weights(model, device)
+    weights = _plain_weights(model, device, share=kind == "lora")
     mm.unload_all_models()
     mm.soft_empty_cache()
     cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, optimizer=optimizer,
