@@ -6,6 +6,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .loader import OboroModelLoader
+from .mask_control import OboroApplyMaskControl, OboroMaskAdapterLoader, OboroTrainMaskAdapter
 from .sampling import EmptyOboroLatentImage, OboroFlowScheduler, OboroSampler, SamplerOboroICFM
 from .text_encoder import OboroT5Loader, OboroTextEncode
 from .training import OboroTrainFull, OboroTrainLoRA
@@ -17,4 +18,5 @@ class OboroExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [OboroModelLoader, OboroT5Loader, OboroTextEncode,
                 OboroSampler, OboroFlowScheduler, SamplerOboroICFM, EmptyOboroLatentImage,
-                OboroCacheLatents, OboroTrainLoRA, OboroTrainFull]
+                OboroCacheLatents, OboroTrainLoRA, OboroTrainFull,
+                OboroMaskAdapterLoader, OboroApplyMaskControl, OboroTrainMaskAdapter]

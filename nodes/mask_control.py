@@ -1,0 +1,361 @@
+"""Mask + text collaborative control as ComfyUI nodes (the model is oboro_model/mask_control.py).
+
+Adapter files: models/oboro_mask_adapters/ (folder kind "oboro_mask_adapters", registered at import;
+extra_model_paths.yaml may add paths under that name). Not models/loras: an adapter is no LoRA of
+the base weights, and LoRA loaders listing it would fail to apply it.
+
+OboroApplyMaskControl clones the ModelPatcher and installs
+  * an object patch on "diffusion_model.forward": MaskControlDiT logic run over ComfyUI's own
+    diffusion model (its comfy.ops layers, LoRA patches, casts), with nodes/comfy_model.py's sign
+    convention t = 1 - sigma, v = -u; the adapter weights follow the input's device;
+  * an OUTER_SAMPLE wrapper: when a sampling run (KSampler, OboroSampler, SamplerCustomAdvanced)
+    ends, the static K/V cache is dropped and the adapter weights go back to the offload device.
+The cache lives on the MaskController the patch closes over. An entry is keyed by the cond uuids
+ComfyUI puts in transformer_options (one per cond/uncond chunk, batched or not), batch, latent
+size, dtype and device; a hit also needs the context and attention mask equal to the entry's.
+
+OboroTrainMaskAdapter masks: mask_dir/<image path relative to the dataset folder, suffix .png>,
+the size of its image. Mode P / L / I: pixel value = label (0 background, 1.. regions; what
+oboro_model/demo_data.py writes). RGB(A): colour i of `palette` = label i. The latent cache's
+crop/resize of the image (policy, crop, seed, epoch 0) is replayed on the mask (nearest).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import comfy.ldm.common_dit
+import comfy.model_management as mm
+import comfy.patcher_extension
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..oboro_model import MMHDiT
+from ..oboro_model.data import BucketBatchSampler, LatentCache, crop_box
+from ..oboro_model.mask_control import condition_dropout as drop_conditions
+from ..oboro_model.mask_control import (BASE_CONFIG_KEY, META_KEY, SHAPE_FIELDS, MaskAdapterConfig, MaskControlDiT,
+                                        palette_to_labels, region_mask_to_labels, save_mask_adapter)
+from ..oboro_model.training import collate, icfm_loss, sample_t
+from .training import _inside, _plain_weights
+from .training_preview import loss_curve_image, new_history
+
+log = logging.getLogger("oboro")
+FOLDER, PATCH, KEY, MAX_ENTRIES = "oboro_mask_adapters", "diffusion_model.forward", "oboro_mask_control", 8
+DEFAULT_PALETTE = "#000000,#ffffff"
+MaskAdapterIO = io.Custom("OBORO_MASK_ADAPTER")
+
+folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
+
+
+def parse_palette(text: str) -> list[tuple[int, int, int]]:
+    """'#000000,#ff0000,...' -> [(r, g, b), ...]; label i is the i-th colour."""
+    toks = [t.strip() for t in (text or "").replace(";", ",").split(",") if t.strip()]
+    if len(toks) < 2 or not all(re.fullmatch(r"#?[0-9a-fA-F]{6}", t) for t in toks):
+        raise ValueError(f"palette must list >= 2 colours like '#000000,#ff0000' (label i = colour i), got {text!r}")
+    return [tuple(int(t.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4)) for t in toks]
+
+
+@dataclass
+class MaskAdapter:
+    """An adapter file's weights and config; checked against a model when applied."""
+    name: str
+    cfg: MaskAdapterConfig
+    base_config: dict
+    sd: dict
+
+    @classmethod
+    def read(cls, path) -> "MaskAdapter":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        if META_KEY not in meta:
+            raise ValueError(f"{path}: no {META_KEY!r} header; not a mask adapter (OboroTrainMaskAdapter writes them)")
+        return cls(Path(path).name, MaskAdapterConfig.from_dict(json.loads(meta[META_KEY])),
+                   json.loads(meta.get(BASE_CONFIG_KEY, "{}")), sd)
+
+    def build(self, dm: MMHDiT, strength: float) -> MaskControlDiT:
+        have = json.loads(dm.config.to_json())
+        diff = [f"{k}: adapter {self.base_config[k]} vs model {have[k]}" for k in SHAPE_FIELDS
+                if k in self.base_config and self.base_config[k] != have[k]]
+        if diff:
+            raise ValueError(f"mask adapter {self.name} was trained for a different base model ({'; '.join(diff)})")
+        mcd = MaskControlDiT(dm, self.cfg, strength)
+        try:
+            torch.nn.ModuleDict({"mask_embedder": mcd.mask_embedder, "adapters": mcd.adapters}).load_state_dict(self.sd)
+        except RuntimeError as e:
+            raise ValueError(f"mask adapter {self.name} does not fit the model: {e}") from None
+        return mcd
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+
+class MaskController:
+    """The patched forward and its per-run static K/V cache (see the module docstring)."""
+
+    def __init__(self, mcd: MaskControlDiT, labels: torch.Tensor, offload_device):
+        self.mcd, self.labels, self.offload_device = mcd, labels, offload_device
+        self.cache, self.hits, self.misses = OrderedDict(), 0, 0
+
+    def __deepcopy__(self, memo):  # model_options get deep-copied; never copy the model with them
+        return self
+
+    def _to(self, device) -> None:
+        if self.mcd.mask_embedder.weight.device != torch.device(device):
+            self.mcd.mask_embedder.to(device)
+            self.mcd.adapters.to(device)
+
+    def end_run(self) -> None:
+        self.cache.clear()
+        self._to(self.offload_device)
+
+    def labels_for(self, B: int) -> torch.Tensor:
+        n = self.labels.shape[0]
+        if B % n == 0:  # 1 mask, or one per latent: ComfyUI batches cond chunks one after another
+            return self.labels if n in (1, B) else self.labels.repeat(B // n, 1, 1)
+        raise ValueError(f"mask batch {n} does not fit the model batch {B}; use 1 mask or one per latent")
+
+    def static(self, x, context, attention_mask, transformer_options):
+        B, _, H, W = x.shape
+        key = (tuple(map(str, transformer_options.get("uuids") or ())), B, H, W, x.dtype, x.device)
+        hit = self.cache.get(key)
+        if hit is not None and _same(hit[0], context) and _same(hit[1], attention_mask):
+            self.hits += 1
+            self.cache.move_to_end(key)
+            return hit[2]
+        self.misses += 1
+        sc = self.mcd.precompute_static(context, attention_mask, self.labels_for(B), B, (H, W), dtype=x.dtype)
+        self.cache[key] = (context, attention_mask, sc)
+        while len(self.cache) > MAX_ENTRIES:
+            self.cache.popitem(last=False)
+        return sc
+
+    def __call__(self, x, timesteps, context, attention_mask=None, transformer_options={}, **kwargs):
+        self._to(x.device)
+        h, w, p = *x.shape[-2:], self.mcd.base.config.patch_size
+        x = comfy.ldm.common_dit.pad_to_patch_size(x, (p, p))
+        sc = self.static(x, context, attention_mask, transformer_options) if self.mcd.decoupled else None
+        u = self.mcd(x, 1.0 - timesteps, context, attention_mask, self.labels_for(x.shape[0]), static_cache=sc)
+        return -u[..., :h, :w]
+
+
+def mask_controlled(model, mcd: MaskControlDiT, labels: torch.Tensor):
+    """A clone of the ModelPatcher `model` that runs `mcd` with these labels (see the docstring)."""
+    ctl = MaskController(mcd, labels, model.offload_device)
+
+    def forward(*args, **kwargs):
+        return ctl(*args, **kwargs)
+
+    def outer_sample(executor, *args, **kwargs):
+        ctl.cache.clear()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            ctl.end_run()
+
+    forward.controller = ctl
+    m = model.clone()
+    m.add_object_patch(PATCH, forward)
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, outer_sample)
+    return m
+
+
+def _oboro_dm(model, node: str) -> MMHDiT:
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(dm, MMHDiT):
+        raise ValueError(f"{node} needs an oboro MODEL (OboroModelLoader), got {type(dm).__name__}")
+    return dm
+
+
+class OboroMaskAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OboroMaskAdapterLoader", display_name="Load oboro Mask Adapter", category="oboro/mask",
+            description="Loads a mask adapter (OboroTrainMaskAdapter) from models/oboro_mask_adapters; checked "
+                        "against the model when applied.",
+            inputs=[io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(FOLDER),
+                                   tooltip="File in models/oboro_mask_adapters.")],
+            outputs=[MaskAdapterIO.Output("adapter", display_name="adapter")])
+
+    @classmethod
+    def execute(cls, adapter_name) -> io.NodeOutput:
+        return io.NodeOutput(MaskAdapter.read(folder_paths.get_full_path_or_raise(FOLDER, adapter_name)))
+
+
+class OboroApplyMaskControl(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OboroApplyMaskControl", display_name="oboro Apply Mask Control", category="oboro/mask",
+            description="Adds a layout mask to an oboro MODEL next to the prompt (any sampler). Connect exactly one "
+                        "of mask_image (colour-coded label map + palette) or mask (one region). Sizes other than the "
+                        "image's or the latent's are nearest-resized with a warning.",
+            inputs=[
+                io.Model.Input("model"),
+                MaskAdapterIO.Input("adapter"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Attention weight on the mask: 1 as trained, 0 off, > 1 stronger."),
+                io.Image.Input("mask_image", optional=True, tooltip="Label map; every pixel one palette colour."),
+                io.String.Input("palette", default=DEFAULT_PALETTE, optional=True,
+                                tooltip="Colours of labels 0, 1, 2, ... of mask_image: '#000000,#ff0000,...'."),
+                io.Mask.Input("mask", optional=True, tooltip="One region (> 0.5) on label 0 background."),
+                io.Int.Input("region_label", default=1, min=1, max=255, optional=True,
+                             tooltip="The label the region of `mask` gets."),
+            ],
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, adapter, strength, mask_image=None, palette=DEFAULT_PALETTE, mask=None,
+                region_label=1) -> io.NodeOutput:
+        dm, K = _oboro_dm(model, "OboroApplyMaskControl"), adapter.cfg.num_labels
+        if (mask_image is None) == (mask is None):
+            raise ValueError("OboroApplyMaskControl: connect exactly one of mask_image (a colour-coded label map, "
+                             f"with palette) or mask (one region); got {'both' if mask is not None else 'neither'}")
+        if PATCH in model.object_patches:
+            raise ValueError("OboroApplyMaskControl: this MODEL already has a mask control (or another patch of "
+                             "diffusion_model.forward); apply it once")
+        if mask_image is not None:
+            pal = parse_palette(palette)
+            if len(pal) > K:
+                raise ValueError(f"palette lists {len(pal)} colours but adapter {adapter.name} knows {K} labels")
+            labels = palette_to_labels(mask_image[..., :3], pal)
+        else:
+            if region_label >= K:
+                raise ValueError(f"region_label {region_label} >= the adapter's {K} labels (0..{K - 1})")
+            labels = region_mask_to_labels(mask) * int(region_label)
+        labels = labels[None] if labels.ndim == 2 else labels
+        return io.NodeOutput(mask_controlled(model, adapter.build(dm, strength), labels.cpu()))
+
+
+def load_label_mask(path: Path, item: dict, settings: dict, palette) -> torch.Tensor:
+    """A training mask, cropped and resized (nearest) like the cache item's image -> [h, w] long."""
+    img = Image.open(path)
+    if img.mode in ("P", "L", "I", "I;16"):
+        arr = np.asarray(img).astype(np.int64)
+    elif palette is None:
+        raise ValueError(f"{path}: an {img.mode} mask needs the palette input (or save label PNGs, mode P or L)")
+    else:
+        arr = palette_to_labels(np.asarray(img.convert("RGB")), palette).numpy()
+    lab = Image.fromarray(arr.astype(np.int32), "I")
+    bucket = tuple(item["bucket"])
+    rng = random.Random(f"{settings.get('seed', 0)}/0/{item['file']}")  # the dataset's crop draw, epoch 0
+    box = crop_box(lab.size, bucket, settings.get("crop", "center"), rng)
+    lab = lab.resize(bucket, Image.Resampling.NEAREST, box=box)
+    return torch.from_numpy(np.asarray(lab).astype(np.int64))
+
+
+class OboroTrainMaskAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OboroTrainMaskAdapter", display_name="oboro Train Mask Adapter", category="oboro/mask",
+            description="Trains a mask adapter (mask embedder + rank-r LoRAs of the mask stream) on a frozen oboro "
+                        "model from a latent cache plus per-image label masks, with condition dropout per modality. "
+                        "Saves models/oboro_mask_adapters/<output_name>.safetensors.",
+            inputs=[
+                io.Model.Input("model", tooltip="From OboroModelLoader; its patches (e.g. LoRAs) are merged in."),
+                io.String.Input("cache_dir", default="", tooltip="Connect OboroCacheLatents' cache_dir."),
+                io.String.Input("mask_dir", default="", tooltip="Label masks: <mask_dir>/<image path>.png (see docs)."),
+                io.String.Input("output_name", default="oboro_mask_adapter"),
+                io.Int.Input("steps", default=2000, min=1, max=10_000_000),
+                io.Int.Input("batch_size", default=4, min=1, max=4096),
+                io.Float.Input("lr", default=1e-4, min=1e-8, max=1.0, step=1e-6, tooltip="AdamW, clip 1.0."),
+                io.Int.Input("rank", default=8, min=1, max=256),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False),
+                io.Int.Input("num_labels", default=0, min=0, max=256,
+                             tooltip="0: automatic, max(palette length, largest label found + 1)."),
+                io.Float.Input("condition_dropout", default=0.1, min=0.0, max=0.9, step=0.01,
+                               tooltip="Per sample, drop the text and (independently) the mask with this p."),
+                io.Combo.Input("precision", options=["fp32", "bf16"], default="bf16", tooltip="Autocast dtype."),
+                io.String.Input("palette", default="", optional=True, tooltip="Only for RGB masks: '#000000,...'."),
+            ],
+            outputs=[io.String.Output("path", display_name="path"),
+                     io.Image.Output("loss_curve", display_name="loss_curve"),
+                     MaskAdapterIO.Output("adapter", display_name="adapter")],
+            is_output_node=True)
+
+    @classmethod
+    def execute(cls, model, cache_dir, mask_dir, output_name, steps, batch_size, lr, rank, seed, num_labels,
+                condition_dropout: float, precision, palette="") -> io.NodeOutput:
+        node, t0, history = "OboroTrainMaskAdapter", time.time(), new_history()
+        dm = _oboro_dm(model, node)
+        stem = output_name.strip().removesuffix(".safetensors")
+        target = _inside(folder_paths.get_folder_paths(FOLDER)[0], stem + ".safetensors")
+        cache, root = LatentCache(cache_dir, transform=model.model.latent_format.process_in), Path(mask_dir or "")
+        pal = parse_palette(palette) if (palette or "").strip() else None
+        if len(cache) == 0 or not root.is_dir():
+            raise ValueError(f"{node}: need a non-empty latent cache ({len(cache)} items in {cache_dir}) and a mask "
+                             f"folder (mask_dir {mask_dir!r})")
+        paths = [next((c for c in (root / it["file"], (root / it["file"]).with_suffix(".png")) if c.is_file()), None)
+                 for it in cache.items]
+        if missing := [it["file"] for it, p in zip(cache.items, paths) if p is None]:
+            raise ValueError(f"{node}: {len(missing)} of {len(cache)} images have no mask in {root}: {missing[:5]}")
+        with torch.inference_mode(False):
+            masks = [load_label_mask(p, it, cache.settings, pal) for p, it in zip(paths, cache.items)]
+        top = max(int(m.max()) for m in masks)
+        K = num_labels or max(len(pal) if pal else 0, top + 1, 2)
+        if top >= K:
+            raise ValueError(f"{node}: the masks hold label {top} but num_labels is {K}")
+        cfg = MaskAdapterConfig(num_labels=K, rank=rank, text_dropout=condition_dropout, mask_dropout=condition_dropout,
+                                vae_scale=cache.items[0]["bucket"][0] // cache.items[0]["latent_shape"][-1])
+        device = mm.get_torch_device()
+        weights = _plain_weights(model, device)
+        mm.unload_all_models()
+        with torch.inference_mode(False), torch.enable_grad():
+            with torch.device("meta"):
+                net = MMHDiT(dm.config)
+            net.load_state_dict({k: weights.pop(k) for k in net.state_dict()}, strict=True, assign=True)
+            mcd = MaskControlDiT(net, cfg).train()  # the base is frozen: only the adapter trains
+            params = mcd.trainable_parameters()
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            gen, sampler = torch.Generator().manual_seed(seed), BucketBatchSampler(cache, batch_size, seed=seed)
+            pbar, epochs = comfy.utils.ProgressBar(steps), (idx for _ in itertools.count() for idx in sampler)
+            for step, idx in zip(range(1, steps + 1), epochs):
+                x1, text, tmask = collate([cache[i] for i in idx])
+                labels = torch.stack([masks[i] for i in idx]).to(device)
+                t, x0 = sample_t(len(idx), gen), torch.randn(x1.shape, generator=gen)
+                tmask, keep = drop_conditions(cfg, tmask, gen)
+                fwd = lambda xt, tt, txt, tm: mcd(xt, tt, txt, tm, labels, mask_keep=keep.to(device))  # noqa: E731
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    loss = icfm_loss(fwd, *(v.to(device) for v in (x1, text, tmask, t, x0)))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                for k, v in (("step", step), ("loss", loss.item()), ("lr", lr)):
+                    history[k].append(v)
+                if step % 50 == 0 or step == steps:
+                    log.info("%s %s: step %d/%d loss %.4f", node, stem, step, steps, history["loss"][-1])
+                pbar.update_absolute(step, steps)
+                mm.throw_exception_if_processing_interrupted()
+            save_mask_adapter(target, mcd)
+            mcd = net = opt = None
+        mm.soft_empty_cache()
+        summary = json.dumps({"path": str(target), "steps": len(history["step"]), "items": len(cache), "num_labels": K,
+                              "final_loss": history["loss"][-1], "seconds": round(time.time() - t0, 1)}, indent=1)
+        log.info("%s: saved %s", node, target)
+        return io.NodeOutput(str(target), loss_curve_image(history, f"{node}: {stem}"), MaskAdapter.read(target),
+                             ui={"text": (summary,)})
+
+
+NODES = [OboroMaskAdapterLoader, OboroApplyMaskControl, OboroTrainMaskAdapter]
