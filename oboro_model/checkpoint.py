@@ -7,16 +7,14 @@ weight has exactly head_dim entries). Pickle formats are refused: they can run c
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .atomic import save_safetensors
 from .config import OboroConfig
 from .model import MMHDiT
 
@@ -34,21 +32,10 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path, model: MMHDiT, metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Write atomically (temp file + rename), so a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta[CONFIG_KEY] = model.config.to_json()
     meta[FORMAT_KEY] = FORMAT_VERSION
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(path, {k: v.detach().contiguous() for k, v in model.state_dict().items()}, meta)
 
 
 def strip_prefixes(sd: dict, prefixes=PREFIXES) -> dict:

@@ -39,8 +39,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -50,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .atomic import save_safetensors
 from .model import MMHDiT, modulate
 from .rope import apply_rope, rope_freqs
 
@@ -358,21 +357,10 @@ class MaskControlDiT(nn.Module):
 def save_mask_adapter(path, model: MaskControlDiT) -> Path:
     """Atomic safetensors of the mask embedder + LoRA weights only; header: the adapter config and
     the base model's config (JSON)."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
           if not k.startswith("base.")}
     meta = {META_KEY: model.cfg.to_json(), BASE_CONFIG_KEY: model.base.config.to_json(), FORMAT_KEY: "1"}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(path, sd, meta)
 
 
 def load_mask_adapter(path, base: MMHDiT, strength: float = 1.0) -> MaskControlDiT:

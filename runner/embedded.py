@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import logging
-import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional

@@ -21,12 +21,7 @@ CFG = preset("tiny", in_channels=16, text_dim=TEXT_DIM)
 DEPTH = CFG.depth
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Synthetic(torch.utils.data.Dataset):

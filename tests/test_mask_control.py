@@ -18,12 +18,7 @@ from tiny import tiny_dit
 K, B, LAT, PIX = 5, 2, 8, 64  # labels, batch, latent side, pixel side (vae_scale 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(decoupled=True, seed=0, **kw):

@@ -12,18 +12,11 @@ from oboro.oboro_model import MMHDiT, preset
 from oboro.oboro_model.training import (LRSchedule, SpikeGuard, StopTraining, TrainConfig, Trainer, build_optimizer,
                                         caption_dropout_mask, collate, drop_captions, icfm_loss, list_checkpoints,
                                         read_state, sample_t, write_state)
-from oboro.oboro_model.training import state as state_mod
 
 CFG = preset("tiny", in_channels=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are far faster on one thread than two contended ones (a 6x gap here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -282,7 +275,8 @@ def test_keep_last_k_and_atomic_writes(tmp_path, monkeypatch):
         open(path, "wb").write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(state_mod, "save_file", broken)
+    import oboro.oboro_model.atomic as atomic_mod  # every atomic safetensors write goes through it
+    monkeypatch.setattr(atomic_mod, "save_file", broken)
     old = (out / "step_00000008.safetensors").read_bytes()
     with pytest.raises(OSError, match="disk full"):
         write_state(out / "step_00000008.safetensors", {"x": torch.zeros(2)}, {"format": 1})

@@ -18,12 +18,12 @@ presets. Imports no ComfyUI.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
+
+from ..atomic import save_safetensors
 
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attn": ("attn.qkv", "attn.out"),
@@ -136,21 +136,9 @@ def save_lora(path, model: torch.nn.Module, metadata: Optional[Mapping[str, str]
     """Write lora_state_dict(model) atomically (temp file + rename) as safetensors. The header holds
     `oboro_lora` (rank, alpha, dropout, targets, module paths as JSON), `oboro_base_config` (the
     base model's OboroConfig JSON) and the caller's `metadata`."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(lora_metadata(model))
-    sd = lora_state_dict(model, dtype)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(path, lora_state_dict(model, dtype), meta)
 
 
 def load_lora(model: torch.nn.Module, path, dropout: Optional[float] = None) -> torch.nn.Module:

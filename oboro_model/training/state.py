@@ -12,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from ..atomic import save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -60,25 +59,13 @@ def prune_checkpoints(output_dir, keep_last: int) -> list[Path]:
 
 
 def write_state(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     seen, out = set(), {}
     for k, v in tensors.items():  # safetensors refuses shared storage: copy the (rare) aliases
         v = v.detach().cpu().contiguous()
         ptr = v.untyped_storage().data_ptr() if v.numel() else None
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata={META_KEY: json.dumps(meta, default=str)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(path, out, {META_KEY: json.dumps(meta, default=str)})
 
 
 def read_state(path) -> tuple[dict[str, torch.Tensor], dict]:
