@@ -101,7 +101,7 @@ class OboroCacheLatents(io.ComfyNode):
                                tooltip="stage1_256: short side to size, random size x size crop. stage2_area: "
                                        "aspect buckets of about `area` pixels, aspect <= 1.3, sides multiples "
                                        "of 64. fixed: size x size (or size x height), centre crop."),
-                io.Int.Input("size", default=256, min=64, max=8192, step=8,
+                io.Int.Input("size", default=256, min=16, max=8192, step=8,
                              tooltip="Side for stage1_256 and width for fixed."),
                 io.Int.Input("area", default=512 * 512, min=64 * 64, max=4096 * 4096, step=64,
                              tooltip="Target pixel count of stage2_area buckets."),

@@ -1,5 +1,6 @@
 """`make run` (scripts/oboro-main): the shipped txt2img workflow headless, or exactly which model
-file goes in which ComfyUI folder when files are missing."""
+file goes in which ComfyUI folder when files are missing (then the offline demo, which
+tests/test_demo.py runs end to end; here --no-demo stops after the list)."""
 import os
 import subprocess
 import sys
@@ -20,13 +21,19 @@ def oboro_main(*args, env=None):
                           timeout=300, cwd=REPO, env={**os.environ, **(env or {})})
 
 
-def test_missing_models_are_listed_with_their_folders(tmp_path):
-    empty = tmp_path / "models"
-    r = oboro_main("--models", empty, "--out", tmp_path / "out", env={"COMFYUI_PATH": str(make_bare_comfy(tmp_path))})
-    assert r.returncode == 2, r.stderr
+def assert_missing_listed(stderr: str) -> None:
     for folder, name in (("diffusion_models", "oboro-base-v1-1b.safetensors"), ("text_encoders", "t5xxl_fp16.safetensors"),
                          ("vae", "ae.safetensors")):
-        assert f"{name}" in r.stderr and f"/{folder}/" in r.stderr.split(name)[1].splitlines()[0]
+        assert f"{name}" in stderr and f"/{folder}/" in stderr.split(name)[1].splitlines()[0]
+
+
+def test_missing_models_are_listed_with_their_folders(tmp_path):
+    empty = tmp_path / "models"
+    r = oboro_main("--models", empty, "--out", tmp_path / "out", "--no-demo",
+                   env={"COMFYUI_PATH": str(make_bare_comfy(tmp_path))})
+    assert r.returncode == 2, r.stderr
+    assert_missing_listed(r.stderr)
+    assert "offline demo" not in r.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -1,0 +1,54 @@
+"""The offline demo end to end, as `make run` starts it on a machine without model files:
+scripts/oboro-main lists the missing files, then runs scripts/oboro-demo's logic (runner/demo.py):
+procedural dataset, training workflow, txt2img on held-out prompts, report. Takes a few minutes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from test_main_job import MAIN, REPO, assert_missing_listed, make_bare_comfy
+
+
+def test_main_job_without_models_runs_the_offline_demo(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(MAIN), "--models", str(tmp_path / "models"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=REPO,
+                       env={**os.environ, "COMFYUI_PATH": str(make_bare_comfy(tmp_path))})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_missing_listed(r.stderr)
+    assert "running the offline demo instead" in r.stderr
+    demo = out / "demo"
+    assert f"oboro demo: report {demo.resolve() / 'report.json'}" in r.stdout
+    report = json.loads((demo / "report.json").read_text())
+
+    for f in report["files"]:
+        assert (demo / f).is_file(), f
+    for f in ("contact_sheet.png", "loss.png"):
+        assert f in report["files"]
+        assert Image.open(demo / f).size[0] > 100
+    generated = [im for im in report["images"] if im["split"] == "heldout"]
+    size = report["resolution"]
+    assert len(generated) == 2 * len(report["held_out_prompts"])
+    for im in generated:
+        assert im["prompt"] in report["held_out_prompts"]
+        assert np.asarray(Image.open(demo / im["file"]).convert("RGB")).shape == (size, size, 3)
+
+    # held-out prompts are caption combinations the training set never had
+    captions = {p.read_text().strip() for p in (demo / "dataset" / "images").glob("*.txt")}
+    assert len(captions) == report["train_prompts_count"] == 225
+    assert report["held_out_prompts"] and not set(report["held_out_prompts"]) & captions
+    for shape, colour in report["held_out_pairs"]:
+        assert not any(f"a {colour} {shape} " in c for c in captions)
+    assert not list((demo / "dataset" / "images").glob("*mask*")) and len(list((demo / "dataset" / "masks").glob("*.png"))) == 225
+
+    # it learned: the training loss fell by a clear margin (step 1 vs the mean of the last logged steps)
+    loss = report["loss"]
+    assert loss["points"] >= 5 and loss["last_mean"] < 0.5 * loss["first"], loss
+    assert report["scores"]["references"]["all"] == 1.0  # the scorer itself, on true renders
+    assert set(report["seconds"]) >= {"data", "train", "generate", "total"}
+    assert Path(report["model"]["trained"]).name == "oboro-demo.safetensors"
+    assert (demo / report["model"]["trained"]).is_file()
