@@ -1,0 +1,41 @@
+"""scripts/oboro-mask-eval (runner/mask_eval.py) end to end with tiny settings: a 20-step demo base
+model, a 10-step mask adapter, 4-step sampling. Checks the report's structure and files and that
+every IoU is a number in [0, 1]; not the 0.85 goal (these settings are far too small for it)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_mask_eval_tiny(tmp_path):
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "oboro-mask-eval"), "--out", str(out), "--steps", "20",
+                        "--adapter-steps", "10", "--sample-steps", "4", "--seeds", "1", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"oboro mask-eval: report {out.resolve() / 'report.json'}" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    for f in report["files"]:
+        assert (out / f).is_file(), f
+    assert Image.open(out / "mask_eval.png").size[0] > 300
+    assert set(report["mean_iou"]) == {"with_text", "without_text"}
+    for key in ("with_text", "without_text"):
+        assert 0.0 <= report["mean_iou"][key] <= 1.0
+        samples = report["per_sample"][key]
+        assert len(samples) == len(report["cases"]) == 12
+        for s in samples:
+            assert 0.0 <= s["iou"] <= 1.0 and (out / s["file"]).is_file()
+        assert all(s["prompt"] == "" for s in samples) == (key == "without_text")
+    # held-out masks: held-out (shape, colour) pairs, at centres none of the demo's positions
+    from_demo = json.loads((out / "demo" / "report.json").read_text())
+    pairs = {tuple(p) for p in from_demo["held_out_pairs"]}
+    for c in report["cases"]:
+        assert (c["shape"], c["colour"]) in pairs and c["prompt"] in [c2["prompt"] for c2 in report["cases"]]
+    assert report["t5_check_max_abs_diff"] < 1e-3
+    assert report["scorer_on_true_renders"]["mean_iou"] > 0.8
+    assert set(report["seconds"]) >= {"demo", "adapter_train", "generate", "total"}
+    assert report["adapter"]["steps"] == 10 and len(report["adapter"]["loss"]) == 10
