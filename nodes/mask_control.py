@@ -46,8 +46,8 @@ from comfy_api.latest import io
 from ..oboro_model import MMHDiT
 from ..oboro_model.data import BucketBatchSampler, LatentCache, crop_box
 from ..oboro_model.mask_control import condition_dropout as drop_conditions
-from ..oboro_model.mask_control import (BASE_CONFIG_KEY, META_KEY, SHAPE_FIELDS, MaskAdapterConfig, MaskControlDiT,
-                                        palette_to_labels, region_mask_to_labels, save_mask_adapter)
+from ..oboro_model.mask_control import (SHAPE_FIELDS, MaskAdapterConfig, MaskControlDiT, palette_to_labels,
+                                        read_mask_adapter, region_mask_to_labels, save_mask_adapter)
 from ..oboro_model.training import collate, icfm_loss, sample_t
 from .training import _inside, _plain_weights
 from .training_preview import loss_curve_image, new_history
@@ -79,16 +79,7 @@ class MaskAdapter:
 
     @classmethod
     def read(cls, path) -> "MaskAdapter":
-        from safetensors import safe_open
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-        if META_KEY not in meta:
-            raise ValueError(f"{path}: no {META_KEY!r} header; not a mask adapter (OboroTrainMaskAdapter writes them)")
-        return cls(Path(path).name, MaskAdapterConfig.from_dict(json.loads(meta[META_KEY])),
-                   json.loads(meta.get(BASE_CONFIG_KEY, "{}")), sd)
+        return cls(Path(path).name, *read_mask_adapter(path))
 
     def build(self, dm: MMHDiT, strength: float) -> MaskControlDiT:
         have = json.loads(dm.config.to_json())

@@ -363,8 +363,8 @@ def save_mask_adapter(path, model: MaskControlDiT) -> Path:
     return save_safetensors(path, sd, meta)
 
 
-def load_mask_adapter(path, base: MMHDiT, strength: float = 1.0) -> MaskControlDiT:
-    """MaskControlDiT over `base` (frozen in place) with the adapter saved in `path`."""
+def read_mask_adapter(path) -> tuple[MaskAdapterConfig, dict, dict]:
+    """-> (adapter config, config of the base it was trained on, state dict); errors name the file."""
     from safetensors import safe_open
     if not Path(path).is_file():
         raise FileNotFoundError(f"mask adapter file not found: {path}")
@@ -374,9 +374,15 @@ def load_mask_adapter(path, base: MMHDiT, strength: float = 1.0) -> MaskControlD
     except Exception as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if META_KEY not in meta:
-        raise ValueError(f"{path}: no {META_KEY!r} header; not a mask adapter written by save_mask_adapter")
-    cfg = MaskAdapterConfig.from_dict(json.loads(meta[META_KEY]))
-    trained, have = json.loads(meta.get(BASE_CONFIG_KEY, "{}")), json.loads(base.config.to_json())
+        raise ValueError(f"{path}: no {META_KEY!r} header; not a mask adapter (save_mask_adapter and "
+                         "OboroTrainMaskAdapter write them)")
+    return MaskAdapterConfig.from_dict(json.loads(meta[META_KEY])), json.loads(meta.get(BASE_CONFIG_KEY, "{}")), sd
+
+
+def load_mask_adapter(path, base: MMHDiT, strength: float = 1.0) -> MaskControlDiT:
+    """MaskControlDiT over `base` (frozen in place) with the adapter saved in `path`."""
+    cfg, trained, sd = read_mask_adapter(path)
+    have = json.loads(base.config.to_json())
     diff = [f"{k}: adapter {trained[k]} vs base {have[k]}" for k in SHAPE_FIELDS
             if k in trained and trained[k] != have[k]]
     if diff:
