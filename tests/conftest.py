@@ -41,8 +41,16 @@ def comfy(tmp_path_factory):
         d.mkdir(parents=True)
     (root / "output").mkdir()
     embedded.start(cpu=args.cpu, output_dir=str(root / "output"), model_dirs={k: str(v) for k, v in dirs.items()})
+    output = root / "output"
+
+    def latent(result, node):
+        """The tensor a core SaveLatent node `node` wrote in this run."""
+        from safetensors.torch import load_file
+        info = result["outputs"][node]["latents"][0]
+        return load_file(str(output / info["subfolder"] / info["filename"]))["latent_tensor"]
+
     return SimpleNamespace(run=embedded.run, validate=embedded.validate, models=root / "models",
-                           output=root / "output", embedded=embedded)
+                           output=output, embedded=embedded, latent=latent)
 
 
 @pytest.fixture(scope="session")

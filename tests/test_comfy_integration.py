@@ -1,7 +1,7 @@
 """The MMH-DiT as a MODEL inside a real ComfyUI 0.3.75, driven through its executor and core nodes."""
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from oboro.oboro_model import save_checkpoint
 from tiny import TEXT_DIM, save_t5, tiny_dit, tiny_t5
@@ -35,8 +35,7 @@ def loader(name="tiny.safetensors", dtype="default"):
 
 
 def saved_latent(comfy, result, node="save"):
-    info = result["outputs"][node]["latents"][0]
-    return load_file(str(comfy.output / info["subfolder"] / info["filename"]))["latent_tensor"]
+    return comfy.latent(result, node)
 
 
 def test_custom_node_loader_imports_our_package(comfy, caplog):

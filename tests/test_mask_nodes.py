@@ -108,11 +108,7 @@ def run_latents(comfy, g, *sources):
     for s in sources:
         g[f"save_{s}"] = {"class_type": "SaveLatent", "inputs": {"samples": [s, 0], "filename_prefix": f"mask_{s}"}}
     result = comfy.run(g)
-    out = []
-    for s in sources:
-        info = result["outputs"][f"save_{s}"]["latents"][0]
-        out.append(load_file(str(comfy.output / info["subfolder"] / info["filename"]))["latent_tensor"])
-    return out
+    return [comfy.latent(result, f"save_{s}") for s in sources]
 
 
 def max_diff(a, b):

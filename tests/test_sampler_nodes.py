@@ -2,7 +2,7 @@
 parity with the pure-PyTorch sampler, img2img, progress / previews / interrupt, the empty latent."""
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from oboro.oboro_model import MMHDiT, preset, save_checkpoint
 from oboro.samplers import prepare_noise, sample
@@ -90,11 +90,7 @@ def save(g, *sources):
 
 
 def latents(comfy, result, *sources):
-    out = []
-    for s in sources:
-        info = result["outputs"][f"save_{s}"]["latents"][0]
-        out.append(load_file(str(comfy.output / info["subfolder"] / info["filename"]))["latent_tensor"])
-    return out
+    return [comfy.latent(result, f"save_{s}") for s in sources]
 
 
 def max_diff(a, b):
