@@ -17,11 +17,14 @@ size, dtype and device; a hit also needs the context and attention mask equal to
 OboroTrainMaskAdapter masks: mask_dir/<image path relative to the dataset folder, suffix .png>,
 the size of its image. Mode P / L / I: pixel value = label (0 background, 1.. regions; what
 oboro_model/demo_data.py writes). RGB(A): colour i of `palette` = label i. The latent cache's
-crop/resize of the image (policy, crop, seed, epoch 0) is replayed on the mask (nearest).
+crop/resize of the image (policy, crop, seed, epoch 0) is replayed on the mask (nearest). Training
+runs on the engine (oboro_model/training: BucketTrainer over MaskedLatents), so it has the LoRA
+nodes' spike guard, schedules, resumable states (output/oboro_training/<output_name>_mask) and
+interrupt; text and mask dropout are independent per sample (p = condition_dropout each).
 """
 from __future__ import annotations
 
-import itertools
+import gc
 import json
 import logging
 import os
@@ -44,17 +47,19 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..oboro_model import MMHDiT
-from ..oboro_model.data import BucketBatchSampler, LatentCache, crop_box
-from ..oboro_model.mask_control import condition_dropout as drop_conditions
-from ..oboro_model.mask_control import (SHAPE_FIELDS, MaskAdapterConfig, MaskControlDiT, palette_to_labels,
-                                        read_mask_adapter, region_mask_to_labels, save_mask_adapter)
-from ..oboro_model.training import collate, icfm_loss, sample_t
-from .training import _inside, _plain_weights
-from .training_preview import loss_curve_image, new_history
+from ..oboro_model.data import LatentCache, crop_box
+from ..oboro_model.mask_control import (SHAPE_FIELDS, MaskAdapterConfig, MaskControlDiT, MaskedLatents,
+                                        palette_to_labels, read_mask_adapter, region_mask_to_labels,
+                                        save_mask_adapter)
+from ..oboro_model.training import TrainConfig, list_checkpoints
+from ..oboro_model.training.optim import SCHEDULES
+from .training import PRECISION, STATE_ROOT, _inside, _plain_weights, drive
+from .training_preview import BucketTrainer, load_history, loss_curve_image, resume_file
 
 log = logging.getLogger("oboro")
 FOLDER, PATCH, KEY, MAX_ENTRIES = "oboro_mask_adapters", "diffusion_model.forward", "oboro_mask_control", 8
 DEFAULT_PALETTE = "#000000,#ffffff"
+IMAGE_RANK = 16  # default image-stream LoRA rank: see the mask-eval figures in README
 MaskAdapterIO = io.Custom("OBORO_MASK_ADAPTER")
 
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
@@ -88,10 +93,7 @@ class MaskAdapter:
         if diff:
             raise ValueError(f"mask adapter {self.name} was trained for a different base model ({'; '.join(diff)})")
         mcd = MaskControlDiT(dm, self.cfg, strength)
-        try:
-            torch.nn.ModuleDict({"mask_embedder": mcd.mask_embedder, "adapters": mcd.adapters}).load_state_dict(self.sd)
-        except RuntimeError as e:
-            raise ValueError(f"mask adapter {self.name} does not fit the model: {e}") from None
+        mcd.load_adapter_state_dict(self.sd, f"mask adapter {self.name}")
         return mcd
 
 
@@ -111,8 +113,7 @@ class MaskController:
 
     def _to(self, device) -> None:
         if self.mcd.mask_embedder.weight.device != torch.device(device):
-            self.mcd.mask_embedder.to(device)
-            self.mcd.adapters.to(device)
+            self.mcd.adapter_to(device)
 
     def end_run(self) -> None:
         self.cache.clear()
@@ -271,7 +272,10 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                 io.Int.Input("steps", default=2000, min=1, max=10_000_000),
                 io.Int.Input("batch_size", default=4, min=1, max=4096),
                 io.Float.Input("lr", default=1e-4, min=1e-8, max=1.0, step=1e-6, tooltip="AdamW, clip 1.0."),
-                io.Int.Input("rank", default=8, min=1, max=256),
+                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank of the mask stream."),
+                io.Int.Input("image_rank", default=IMAGE_RANK, min=0, max=256,
+                             tooltip="LoRA rank on the image stream too (0: image stream frozen). A base never "
+                                     "trained on layouts follows masks far better with it; see README."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False),
                 io.Int.Input("num_labels", default=0, min=0, max=256,
                              tooltip="0: automatic, max(palette length, largest label found + 1)."),
@@ -279,6 +283,12 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                                tooltip="Per sample, drop the text and (independently) the mask with this p."),
                 io.Combo.Input("precision", options=["fp32", "bf16"], default="bf16", tooltip="Autocast dtype."),
                 io.String.Input("palette", default="", optional=True, tooltip="Only for RGB masks: '#000000,...'."),
+                io.Int.Input("warmup", default=0, min=0, max=1_000_000, optional=True, tooltip="Linear LR warm-up steps."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default="constant", optional=True),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=10_000_000, optional=True,
+                             tooltip="Save a resumable training state every N steps (0: at the end and on interrupt)."),
+                io.String.Input("resume_from", default="", optional=True,
+                                tooltip="'latest' continues this output_name's last state (after an interrupt too)."),
             ],
             outputs=[io.String.Output("path", display_name="path"),
                      io.Image.Output("loss_curve", display_name="loss_curve"),
@@ -286,12 +296,18 @@ class OboroTrainMaskAdapter(io.ComfyNode):
             is_output_node=True)
 
     @classmethod
-    def execute(cls, model, cache_dir, mask_dir, output_name, steps, batch_size, lr, rank, seed, num_labels,
-                condition_dropout: float, precision, palette="") -> io.NodeOutput:
-        node, t0, history = "OboroTrainMaskAdapter", time.time(), new_history()
+    def execute(cls, model, cache_dir, mask_dir, output_name, steps, batch_size, lr, rank, image_rank, seed, num_labels,
+                condition_dropout: float, precision, palette="", warmup=0, schedule="constant", checkpoint_every=0,
+                resume_from="") -> io.NodeOutput:
+        node, t0 = "OboroTrainMaskAdapter", time.time()
         dm = _oboro_dm(model, node)
         stem = output_name.strip().removesuffix(".safetensors")
         target = _inside(folder_paths.get_folder_paths(FOLDER)[0], stem + ".safetensors")
+        state_dir = _inside(Path(folder_paths.get_output_directory()) / STATE_ROOT, stem + "_mask")
+        resume = resume_file(resume_from, state_dir)
+        if resume is None and list_checkpoints(state_dir):
+            raise ValueError(f"{node}: {state_dir} already holds training states of an earlier run; set resume_from "
+                             "to 'latest' to continue it, or pick another output_name (or delete that folder)")
         cache, root = LatentCache(cache_dir, transform=model.model.latent_format.process_in), Path(mask_dir or "")
         pal = parse_palette(palette) if (palette or "").strip() else None
         if len(cache) == 0 or not root.is_dir():
@@ -307,8 +323,13 @@ class OboroTrainMaskAdapter(io.ComfyNode):
         K = num_labels or max(len(pal) if pal else 0, top + 1, 2)
         if top >= K:
             raise ValueError(f"{node}: the masks hold label {top} but num_labels is {K}")
-        cfg = MaskAdapterConfig(num_labels=K, rank=rank, text_dropout=condition_dropout, mask_dropout=condition_dropout,
+        cfg = MaskAdapterConfig(num_labels=K, rank=rank, image_rank=image_rank, text_dropout=condition_dropout,
+                                mask_dropout=condition_dropout,
                                 vae_scale=cache.items[0]["bucket"][0] // cache.items[0]["latent_shape"][-1])
+        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, warmup=warmup,
+                           schedule=schedule, precision=PRECISION[precision], caption_dropout=condition_dropout,
+                           mask_dropout=condition_dropout, seed=seed, checkpoint_every=checkpoint_every,
+                           output_dir=str(state_dir))
         device = mm.get_torch_device()
         weights = _plain_weights(model, device)
         mm.unload_all_models()
@@ -316,34 +337,22 @@ class OboroTrainMaskAdapter(io.ComfyNode):
             with torch.device("meta"):
                 net = MMHDiT(dm.config)
             net.load_state_dict({k: weights.pop(k) for k in net.state_dict()}, strict=True, assign=True)
-            mcd = MaskControlDiT(net, cfg).train()  # the base is frozen: only the adapter trains
-            params = mcd.trainable_parameters()
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-            gen, sampler = torch.Generator().manual_seed(seed), BucketBatchSampler(cache, batch_size, seed=seed)
-            pbar, epochs = comfy.utils.ProgressBar(steps), (idx for _ in itertools.count() for idx in sampler)
-            for step, idx in zip(range(1, steps + 1), epochs):
-                x1, text, tmask = collate([cache[i] for i in idx])
-                labels = torch.stack([masks[i] for i in idx]).to(device)
-                t, x0 = sample_t(len(idx), gen), torch.randn(x1.shape, generator=gen)
-                tmask, keep = drop_conditions(cfg, tmask, gen)
-                fwd = lambda xt, tt, txt, tm: mcd(xt, tt, txt, tm, labels, mask_keep=keep.to(device))  # noqa: E731
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = icfm_loss(fwd, *(v.to(device) for v in (x1, text, tmask, t, x0)))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                for k, v in (("step", step), ("loss", loss.item()), ("lr", lr)):
-                    history[k].append(v)
-                if step % 50 == 0 or step == steps:
-                    log.info("%s %s: step %d/%d loss %.4f", node, stem, step, steps, history["loss"][-1])
-                pbar.update_absolute(step, steps)
-                mm.throw_exception_if_processing_interrupted()
+            with torch.random.fork_rng(devices=[]):  # the adapter's init follows `seed` too
+                torch.manual_seed(seed)
+                mcd = MaskControlDiT(net, cfg)  # the base is frozen: only the adapter trains
+            trainer = BucketTrainer(mcd, MaskedLatents(cache, masks), tcfg)  # text dropout: no tokens, as cfg says
+            if resume is not None:
+                trainer.resume(resume)
+            history = load_history(resume, trainer.step)
+            drive(trainer, node, stem, steps, state_dir, history, checkpoint_every)
             save_mask_adapter(target, mcd)
-            mcd = net = opt = None
+            step = trainer.step
+            mcd = net = trainer = None
+        gc.collect()
         mm.soft_empty_cache()
-        summary = json.dumps({"path": str(target), "steps": len(history["step"]), "items": len(cache), "num_labels": K,
-                              "final_loss": history["loss"][-1], "seconds": round(time.time() - t0, 1)}, indent=1)
+        summary = json.dumps({"path": str(target), "steps": step, "items": len(cache), "num_labels": K,
+                              "final_loss": history["loss"][-1] if history["loss"] else None,
+                              "state_dir": str(state_dir), "seconds": round(time.time() - t0, 1)}, indent=1)
         log.info("%s: saved %s", node, target)
         return io.NodeOutput(str(target), loss_curve_image(history, f"{node}: {stem}"), MaskAdapter.read(target),
                              ui={"text": (summary,)})

@@ -81,6 +81,47 @@ def _plain_weights(model, device, share: bool = False) -> dict:
         return {k: plain(v) for k, v in sd.items()}
 
 
+def drive(trainer, node: str, stem: str, steps: int, state_dir: Path, history: dict, checkpoint_every: int,
+          on_step=None) -> None:
+    """Run `trainer` up to `steps` as a ComfyUI job: progress bar, a log/status line about once a
+    second, the loss history (saved with each checkpoint), on_step(step) after every update, and
+    interrupt -> state saved, InterruptProcessingException (resume with resume_from='latest')."""
+    pbar, st = comfy.utils.ProgressBar(steps), {"interrupted": False, "spikes": 0, "said": 0.0}
+    pbar.update_absolute(trainer.step, steps)
+
+    def callback(step, loss, lr_now, rate):
+        spikes = trainer.guard.spikes if trainer.guard is not None else st["spikes"] + (not math.isfinite(loss))
+        for key, v in (("step", step), ("loss", loss), ("lr", lr_now)):
+            history[key].append(v)
+        if spikes > st["spikes"]:
+            history["spikes"].append(step)
+        st["spikes"] = spikes
+        if on_step is not None:
+            on_step(step)
+        if checkpoint_every and step % checkpoint_every == 0:
+            save_history(state_dir, history)
+        text = f"step {step}/{steps}  loss {loss:.4f}  lr {lr_now:.3g}  {rate:.2f} it/s"
+        if time.time() - st["said"] > 1.0 or step == steps:
+            st["said"] = time.time()
+            log.info("%s %s: %s", node, stem, text)
+            _send_text(text)
+        try:
+            pbar.update_absolute(step, steps)
+            mm.throw_exception_if_processing_interrupted()
+        except mm.InterruptProcessingException:
+            st["interrupted"] = True
+            raise StopTraining from None
+
+    try:
+        trainer.train(callback)
+    finally:
+        save_history(state_dir, history)
+    if st["interrupted"]:
+        log.warning("%s: interrupted at step %d; resume with resume_from='latest' (state in %s)", node,
+                    trainer.step, state_dir)
+        raise mm.InterruptProcessingException()
+
+
 def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_size: int, lr: float, warmup: int,
           schedule: str, optimizer: str, grad_accum: int, clip_grad_norm: float, precision: str,
           gradient_checkpointing: bool, caption_dropout: float, t_sampling: str, spike_guard: bool, seed: int,
@@ -128,7 +169,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
                       precision=PRECISION[precision], gradient_checkpointing=gradient_checkpointing,
                       caption_dropout=caption_dropout, t_sampling=t_sampling, spike_guard=spike_guard, seed=seed,
                       checkpoint_every=checkpoint_every, keep_last=keep_last, output_dir=str(state_dir))
-    amp, t0, st = PRECISIONS[cfg.precision], time.time(), {"interrupted": False, "spikes": 0, "said": 0.0}
+    amp, t0 = PRECISIONS[cfg.precision], time.time()
     with torch.inference_mode(False), torch.enable_grad():
         with torch.device("meta"):
             net = MMHDiT(config)
@@ -144,40 +185,12 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
             trainer.resume(resume)
         start = trainer.step
         history = load_history(resume, start)
-        pbar = comfy.utils.ProgressBar(steps)
-        pbar.update_absolute(start, steps)
 
-        def callback(step, loss, lr_now, rate):
-            spikes = trainer.guard.spikes if trainer.guard is not None else st["spikes"] + (not math.isfinite(loss))
-            for key, v in (("step", step), ("loss", loss), ("lr", lr_now)):
-                history[key].append(v)
-            if spikes > st["spikes"]:
-                history["spikes"].append(step)
-            st["spikes"] = spikes
+        def on_step(step):
             if previews is not None and step % preview_every == 0:
                 previews.render(net, step, device, amp)
-            if checkpoint_every and step % checkpoint_every == 0:
-                save_history(state_dir, history)
-            text = f"step {step}/{steps}  loss {loss:.4f}  lr {lr_now:.3g}  {rate:.2f} it/s"
-            if time.time() - st["said"] > 1.0 or step == steps:
-                st["said"] = time.time()
-                log.info("%s %s: %s", node, stem, text)
-                _send_text(text)
-            try:
-                pbar.update_absolute(step, steps)
-                mm.throw_exception_if_processing_interrupted()
-            except mm.InterruptProcessingException:
-                st["interrupted"] = True
-                raise StopTraining from None
 
-        try:
-            trainer.train(callback)
-        finally:
-            save_history(state_dir, history)
-        if st["interrupted"]:
-            log.warning("%s: interrupted at step %d; resume with resume_from='latest' (state in %s)", node,
-                        trainer.step, state_dir)
-            raise mm.InterruptProcessingException()
+        drive(trainer, node, stem, steps, state_dir, history, checkpoint_every, on_step)
         if previews is not None and trainer.step > start and previews.row_steps[-1:] != [trainer.step]:
             previews.render(net, trainer.step, device, amp)
         if trainer.schedule_free:

@@ -69,10 +69,11 @@ class MaskAdapterConfig:
     mask_dropout: float = 0.1
     decoupled: bool = True
     static_t: Optional[float] = None  # None: unmodulated static path; a t: base modulation at that t
+    image_rank: int = 0               # > 0: LoRA of that rank on the image tokens' linears too
 
     def __post_init__(self):
-        if self.num_labels < 2 or self.rank < 1 or self.vae_scale < 1:
-            raise ValueError(f"need num_labels >= 2, rank >= 1, vae_scale >= 1; got {self}")
+        if self.num_labels < 2 or self.rank < 1 or self.vae_scale < 1 or self.image_rank < 0:
+            raise ValueError(f"need num_labels >= 2, rank >= 1, vae_scale >= 1, image_rank >= 0; got {self}")
         if self.mask_embed != "onehot_patch":
             raise ValueError(f"mask_embed {self.mask_embed!r} is not built; only 'onehot_patch' (a VAE pass "
                              f"costs TFLOPs per image for no gain on label maps)")
@@ -207,24 +208,58 @@ class MaskControlDiT(nn.Module):
             n: LoRA(blk.attn.get_submodule(n) if n in ("qkv", "out") else blk.mlp.get_submodule(n),
                     cfg.rank, cfg.scale, dev) for n in (TARGETS if i < bc.depth - 1 else TARGETS[:1])})
             for i, blk in enumerate(base.blocks))
+        # Optional image-stream LoRA (MDiTFace fine-tunes the whole DiT with LoRA): a frozen base
+        # that never learnt to follow a layout may lack the directions to draw a mask's outline.
+        self.image_adapters = None if not cfg.image_rank else nn.ModuleList(nn.ModuleDict({
+            n: LoRA(blk.attn.get_submodule(n) if n in ("qkv", "out") else blk.mlp.get_submodule(n),
+                    cfg.image_rank, 1.0, dev) for n in TARGETS}) for blk in base.blocks)
 
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("base.")]
 
-    # -- pieces --
-    def _lin(self, lin, ad, name, x, n_mask):
-        y = lin(x)
-        if not n_mask:
-            return y
-        return torch.cat([y[:, :-n_mask], y[:, -n_mask:] + ad[name](x[:, -n_mask:])], dim=1)
+    def adapter_state_dict(self) -> dict:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
 
-    def _block(self, i, s, n_mask, mods, bias, freqs, ext=None, kv_only=False):
-        """One base block over s with the last n_mask tokens adapted. mods: the 4 adaLN chunks or
-        None (unmodulated: scale 0, gate 1); ext: (K, V) prepended to the keys (image pathway)."""
+    def load_adapter_state_dict(self, sd: dict, source: str) -> None:
+        """Strict over the adapter's own weights (the base is not in sd); errors name `source`."""
+        dev = self.mask_embedder.weight.device
+        try:
+            missing, unexpected = self.load_state_dict({k: v.to(dev) for k, v in sd.items()}, strict=False)
+            missing = [k for k in missing if not k.startswith("base.")]
+            if missing or unexpected:
+                raise RuntimeError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        except RuntimeError as e:
+            raise ValueError(f"{source}: adapter weights do not fit the model: {e}") from None
+
+    def adapter_to(self, device) -> None:
+        """Move only the adapter's weights (the base belongs to whoever manages it)."""
+        for name, mod in self.named_children():
+            if name != "base":
+                mod.to(device)
+
+    # -- pieces --
+    def _lin(self, i, lin, name, x, n_mask, img):
+        """lin over all tokens; + the mask LoRA on the last n_mask, + the image LoRA (if any) on
+        tokens img = (start, end)."""
+        y = lin(x)
+        a, b = img if self.image_adapters is not None else (0, 0)
+        if not n_mask and a == b:
+            return y
+        L = x.shape[1]
+        parts = [y[:, :a], y[:, a:b] + self.image_adapters[i][name](x[:, a:b]) if b > a else y[:, a:b],
+                 y[:, b:L - n_mask]]
+        if n_mask:
+            parts.append(y[:, L - n_mask:] + self.adapters[i][name](x[:, L - n_mask:]))
+        return torch.cat(parts, dim=1)
+
+    def _block(self, i, s, n_mask, mods, bias, freqs, ext=None, kv_only=False, img=(0, 0)):
+        """One base block over s with the last n_mask tokens adapted (and tokens img = (start, end)
+        by the image LoRA). mods: the 4 adaLN chunks or None (unmodulated: scale 0, gate 1); ext:
+        (K, V) prepended to the keys (image pathway)."""
         blk, ad = self.base.blocks[i], self.adapters[i]
         at, mlp, (B, L, _) = blk.attn, blk.mlp, s.shape
         a = blk.attn_norm1(s) if mods is None else modulate(blk.attn_norm1(s), mods[0])
-        q, k, v = self._lin(at.qkv, ad, "qkv", a, n_mask).view(B, L, 3, at.heads, at.head_dim).unbind(2)
+        q, k, v = self._lin(i, at.qkv, "qkv", a, n_mask, img).view(B, L, 3, at.heads, at.head_dim).unbind(2)
         q, k = apply_rope(at.q_norm(q), at.k_norm(k), freqs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_only:
@@ -232,11 +267,11 @@ class MaskControlDiT(nn.Module):
         if n_mask and "out" not in ad:  # last block: mask queries would only feed discarded outputs
             q, s, n_mask = q[:, :, :-n_mask], s[:, :-n_mask], 0
         kk, vv = (k, v) if ext is None else (torch.cat([ext[0].to(k), k], 2), torch.cat([ext[1].to(v), v], 2))
-        h = blk.attn_norm2(self._lin(at.out, ad, "out", self.base.attention(q, kk, vv, bias), n_mask))
+        h = blk.attn_norm2(self._lin(i, at.out, "out", self.base.attention(q, kk, vv, bias), n_mask, img))
         s = s + (h if mods is None else mods[1].unsqueeze(1).tanh() * h)
         a = blk.mlp_norm1(s) if mods is None else modulate(blk.mlp_norm1(s), mods[2])
-        g = F.silu(self._lin(mlp.w1, ad, "w1", a, n_mask)) * self._lin(mlp.w3, ad, "w3", a, n_mask)
-        h = blk.mlp_norm2(self._lin(mlp.w2, ad, "w2", g, n_mask))
+        g = F.silu(self._lin(i, mlp.w1, "w1", a, n_mask, img)) * self._lin(i, mlp.w3, "w3", a, n_mask, img)
+        h = blk.mlp_norm2(self._lin(i, mlp.w2, "w2", g, n_mask, img))
         return s + (h if mods is None else mods[3].unsqueeze(1).tanh() * h), (k, v)
 
     def _run(self, i, *args, **kw):
@@ -331,7 +366,8 @@ class MaskControlDiT(nn.Module):
             s, freqs = torch.cat(parts, dim=1), self._freqs(ids)
             bias = self._key_bias(B, text_mask, n_txt, h * w, n_mask, mask_keep, x.device, dtype)
             for i, blk in enumerate(base.blocks):
-                s, _ = self._run(i, s, n_mask, blk.adaLN_modulation(c).chunk(4, dim=1), bias, freqs[blk.attn.head_dim])
+                s, _ = self._run(i, s, n_mask, blk.adaLN_modulation(c).chunk(4, dim=1), bias, freqs[blk.attn.head_dim],
+                                 img=(n_txt, n_txt + h * w))
             img = s[:, n_txt:n_txt + h * w]
         else:
             cache = static_cache
@@ -347,9 +383,28 @@ class MaskControlDiT(nn.Module):
             freqs = self._freqs(base.position_ids(0, h, w, x.device))
             for i, blk in enumerate(base.blocks):
                 img, _ = self._run(i, img, 0, blk.adaLN_modulation(c).chunk(4, dim=1), bias,
-                                   freqs[blk.attn.head_dim], ext=cache.kv[i])
+                                   freqs[blk.attn.head_dim], ext=cache.kv[i], img=(0, h * w))
         out = base.final_layer(img, c)
         return F.pixel_shuffle(out.transpose(1, 2).reshape(B, C * p * p, h, w), p)
+
+
+class MaskedLatents(torch.utils.data.Dataset):
+    """A latent cache (oboro_model.data.LatentCache) with one label map per item, as the training
+    engine takes them: item + "mask_labels" [h, w] (long). bucket_of follows the cache."""
+
+    def __init__(self, cache, masks: list):
+        if len(masks) != len(cache):
+            raise ValueError(f"{len(masks)} masks for {len(cache)} cached items")
+        self.cache, self.masks = cache, masks
+
+    def __len__(self):
+        return len(self.cache)
+
+    def __getitem__(self, i):
+        return {**self.cache[i], "mask_labels": self.masks[i]}
+
+    def bucket_of(self, i):
+        return self.cache.bucket_of(i)
 
 
 # --- save / load ---
@@ -357,8 +412,7 @@ class MaskControlDiT(nn.Module):
 def save_mask_adapter(path, model: MaskControlDiT) -> Path:
     """Atomic safetensors of the mask embedder + LoRA weights only; header: the adapter config and
     the base model's config (JSON)."""
-    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
-          if not k.startswith("base.")}
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.adapter_state_dict().items()}
     meta = {META_KEY: model.cfg.to_json(), BASE_CONFIG_KEY: model.base.config.to_json(), FORMAT_KEY: "1"}
     return save_safetensors(path, sd, meta)
 
@@ -388,12 +442,5 @@ def load_mask_adapter(path, base: MMHDiT, strength: float = 1.0) -> MaskControlD
     if diff:
         raise ValueError(f"{path}: mask adapter was trained for a different base model ({'; '.join(diff)})")
     model = MaskControlDiT(base, cfg, strength)
-    dev = next(base.parameters()).device
-    try:
-        missing, unexpected = model.load_state_dict({k: v.to(dev) for k, v in sd.items()}, strict=False)
-        missing = [k for k in missing if not k.startswith("base.")]
-        if missing or unexpected:
-            raise RuntimeError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    except RuntimeError as e:
-        raise ValueError(f"{path}: adapter weights do not fit the model: {e}") from None
+    model.load_adapter_state_dict(sd, str(path))
     return model

@@ -3,11 +3,13 @@ the tiny demo model draw its shape where a held-out mask says, with and without 
 
 1. base: the demo's dataset and trained model (runner/demo.py's `run`, unchanged, in <out>/demo),
    or an existing demo output folder (`--demo DIR`) to skip those ~2 minutes;
-2. adapter: pure PyTorch, not the OboroTrainMaskAdapter node: MaskControlDiT (decoupled) over the
-   frozen demo model, trained with icfm_loss and condition_dropout (p = 0.1 text, 0.1 mask) on the
-   demo's latent cache (its 225 training images, 32x32 pixel space, with their cached T5 states)
-   and dataset/masks/ (labels 0 bg, 1 circle, 2 square, 3 triangle; nearest-resized 64 -> 32 as
-   the node does); saved with save_mask_adapter to <out>/mask_adapter.safetensors;
+2. adapter: on the training engine as OboroTrainMaskAdapter trains it (Trainer over MaskedLatents,
+   outside ComfyUI): MaskControlDiT (decoupled) over the frozen demo model, text and mask dropout
+   p = 0.1 each, on the demo's latent cache (its 225 training images, 32x32 pixel space, with their
+   cached T5 states) and dataset/masks/ (labels 0 bg, 1 circle, 2 square, 3 triangle; nearest-
+   resized 64 -> 32 as the node does); `--shift N` rolls each image and its mask together by up to
+   N px (the demo has 5 positions only); `--image-rank` adds the image-stream LoRA; saved with
+   save_mask_adapter to <out>/mask_adapter.safetensors;
 3. generate: held-out masks, i.e. the 3 held-out (shape, colour) pairs (never in any training
    image) at 4 shape centres that are none of the demo's 5 positions, drawn at 32x32; each mask
    with its caption ("a green triangle on a black background" + nearest position word) and with
@@ -40,8 +42,8 @@ from PIL import Image, ImageDraw
 from ..oboro_model import demo_data as dd
 from ..oboro_model import load_checkpoint
 from ..oboro_model.data import LatentCache
-from ..oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, condition_dropout, save_mask_adapter
-from ..oboro_model.training import collate, icfm_loss, sample_t
+from ..oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, MaskedLatents, save_mask_adapter
+from ..oboro_model.training import TrainConfig, Trainer
 from ..samplers.ode import prepare_noise, solve, time_grid
 from . import demo
 
@@ -60,8 +62,12 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=800, help="demo base-model training steps, when no --demo")
     p.add_argument("--adapter-steps", type=int, default=400, help="mask adapter training steps")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shift", type=int, default=0, help="adapter training: random shifts of image + mask by up to "
+                   "this many pixels, keeping the shape inside (the demo has 5 positions only)")
     p.add_argument("--lr", type=float, default=2e-3, help="adapter AdamW lr (default %(default)s)")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8, help="mask-stream LoRA rank")
+    p.add_argument("--image-rank", type=int, default=0, help="image-stream LoRA rank (0: image stream frozen)")
+    p.add_argument("--static-t", type=float, default=None, help="static path modulated at this t (default: none)")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=3.0, help="text guidance (with-text runs)")
     p.add_argument("--mask-cfg", type=float, default=1.0, help="mask-only runs: guidance against no mask (1 = none)")
@@ -124,36 +130,60 @@ class T5:
         return conds[0][0].float().cpu(), conds[0][1]["attention_mask"].bool().cpu()
 
 
+def shift_pair(x: torch.Tensor, lab: torch.Tensor, max_shift: int, gen: torch.Generator):
+    """Roll an image [C, H, W] and its mask [H, W] by the same random (dy, dx), |d| <= max_shift,
+    chosen so the labelled region (+ 1 px of anti-aliasing) stays inside: what wraps round is plain
+    background, so the pair stays a true render of the shape at its new place."""
+    H, W = lab.shape
+    ys, xs = torch.nonzero(lab > 0, as_tuple=True)
+    lo = [-max_shift, -max_shift]
+    hi = [max_shift, max_shift]
+    if len(ys):
+        lo = [max(-max_shift, min(0, 1 - int(ys.min()))), max(-max_shift, min(0, 1 - int(xs.min())))]
+        hi = [min(max_shift, max(0, H - 2 - int(ys.max()))), min(max_shift, max(0, W - 2 - int(xs.max())))]
+    d = tuple(int(torch.randint(a, b + 1, (1,), generator=gen)) for a, b in zip(lo, hi))
+    return torch.roll(x, d, (-2, -1)), torch.roll(lab, d, (-2, -1))
+
+
+class ShiftedMasks(MaskedLatents):
+    """The demo's cached images + masks, each item shifted at random (`shift_pair`) when max_shift
+    > 0: the demo draws shapes at 5 positions only, a mask adapter must follow any layout."""
+
+    def __init__(self, cache, masks, max_shift: int, seed: int = 0):
+        super().__init__(cache, masks)
+        self.max_shift, self.gen = max_shift, torch.Generator().manual_seed(seed)
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        if self.max_shift:
+            item["latent"], item["mask_labels"] = shift_pair(item["latent"], item["mask_labels"], self.max_shift,
+                                                             self.gen)
+        return item
+
+
 def train_adapter(base, cache: LatentCache, mask_root: Path, opts) -> tuple[MaskControlDiT, list]:
+    """On the training engine, as OboroTrainMaskAdapter trains (Trainer over MaskedLatents)."""
     size = tuple(cache.items[0]["bucket"])
     masks = [torch.from_numpy(np.asarray(Image.open(mask_root / Path(it["file"]).with_suffix(".png"))
                                          .resize(size, Image.Resampling.NEAREST)).astype(np.int64))
              for it in cache.items]
-    cfg = MaskAdapterConfig(num_labels=len(dd.SHAPES) + 1, rank=opts.rank, vae_scale=1)
-    mcd = MaskControlDiT(base, cfg).train()
-    params = mcd.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-    warm = max(1, min(30, opts.adapter_steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / max(1, opts.adapter_steps)))))
-    gen, losses, said = torch.Generator().manual_seed(0), [], time.monotonic()
-    n = len(cache)
-    for step in range(1, opts.adapter_steps + 1):
-        idx = torch.randperm(n, generator=gen)[:opts.batch_size].tolist()
-        x1, text, tmask = collate([cache[i] for i in idx])
-        labels = torch.stack([masks[i] for i in idx])
-        t, x0 = sample_t(len(idx), gen), torch.randn(x1.shape, generator=gen)
-        tmask, keep = condition_dropout(cfg, tmask, gen)
-        loss = icfm_loss(lambda xt, tt, txt, tm: mcd(xt, tt, txt, tm, labels, mask_keep=keep), x1, text, tmask, t, x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(round(loss.item(), 5))
-        if time.monotonic() - said > 15 or step == opts.adapter_steps:
-            said = time.monotonic()
-            log(f"adapter step {step}/{opts.adapter_steps} loss {np.mean(losses[-20:]):.4f}")
+    cfg = MaskAdapterConfig(num_labels=len(dd.SHAPES) + 1, rank=opts.rank, vae_scale=1, image_rank=opts.image_rank,
+                            static_t=opts.static_t)
+    torch.manual_seed(0)
+    mcd = MaskControlDiT(base, cfg)
+    tcfg = TrainConfig(steps=opts.adapter_steps, batch_size=opts.batch_size, lr=opts.lr, weight_decay=0.0,
+                       warmup=max(1, min(30, opts.adapter_steps // 10)), schedule="cosine",
+                       caption_dropout=cfg.text_dropout, mask_dropout=cfg.mask_dropout, seed=0)
+    trainer = Trainer(mcd, ShiftedMasks(cache, masks, opts.shift), tcfg)
+    losses, said = [], [time.monotonic()]
+
+    def callback(step, loss, lr, rate):
+        losses.append(round(loss, 5))
+        if time.monotonic() - said[0] > 15 or step == opts.adapter_steps:
+            said[0] = time.monotonic()
+            log(f"adapter step {step}/{opts.adapter_steps} loss {np.mean(losses[-20:]):.4f} ({rate:.2f} it/s)")
+
+    trainer.train(callback)
     return mcd.eval(), losses
 
 
@@ -319,8 +349,8 @@ def run(opts) -> int:
         "cases": cases, "per_sample": {"with_text": results["text"], "without_text": results["no_text"]},
         "scorer_on_true_renders": {"mean_iou": round(float(np.mean(refs)), 4)},
         "demo": str(d), "resolution": size, "seconds": seconds, "threads": torch.get_num_threads(),
-        "adapter": {"path": "mask_adapter.safetensors", "training": "pure PyTorch (MaskControlDiT + icfm_loss + "
-                    "condition_dropout), not the OboroTrainMaskAdapter node", "config": mcd.cfg.to_dict()
+        "adapter": {"path": "mask_adapter.safetensors", "training": "the training engine (Trainer over "
+                    "MaskedLatents, as OboroTrainMaskAdapter) outside ComfyUI", "shift": opts.shift, "config": mcd.cfg.to_dict()
                     if hasattr(mcd.cfg, "to_dict") else json.loads(mcd.cfg.to_json()), "steps": opts.adapter_steps,
                     "batch_size": opts.batch_size, "lr": opts.lr, "schedule": "linear warmup + cosine",
                     "trainable_parameters": sum(p.numel() for p in mcd.trainable_parameters()),

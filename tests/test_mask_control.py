@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oboro.oboro_model.mask_control import (MaskAdapterConfig, MaskControlDiT, condition_dropout,
+from oboro.oboro_model.mask_control import (MaskAdapterConfig, MaskControlDiT, MaskedLatents, condition_dropout,
                                             labels_to_grid, load_mask_adapter, palette_to_labels,
                                             region_mask_to_labels, save_mask_adapter)
 from oboro.samplers.ode import solve, time_grid
@@ -40,9 +40,9 @@ def inputs(seed=0):
     return x, torch.tensor([0.3, 0.7]), text, text_mask, labels
 
 
-@pytest.mark.parametrize("static_t", [None, 0.5])
-def test_cached_static_path_equals_recompute_each_step(static_t):
-    m = make(static_t=static_t)
+@pytest.mark.parametrize("static_t,image_rank", [(None, 0), (0.5, 0), (None, 4)])
+def test_cached_static_path_equals_recompute_each_step(static_t, image_rank):
+    m = make(static_t=static_t, image_rank=image_rank)
     x, _, text, tm, labels = inputs()
     with torch.no_grad():
         cache = m.precompute_static(text, tm, labels, B, size=(LAT, LAT))
@@ -88,6 +88,9 @@ def test_holistic_without_mask_is_the_base_model_exactly():
     m.decoupled = True
     with torch.no_grad():
         assert not torch.allclose(m(x, t, text, tm, None), ref)
+    # an image-stream LoRA changes the image pathway even without a mask
+    with torch.no_grad():
+        assert not torch.allclose(make(decoupled=False, image_rank=4)(x, t, text, tm, None), ref)
 
 
 @pytest.mark.parametrize("decoupled", [True, False])
@@ -109,7 +112,7 @@ def test_strength_zero_is_no_mask(decoupled):
 
 
 def test_adapter_save_load_round_trip(tmp_path):
-    m = make()
+    m = make(image_rank=4)
     x, t, text, tm, labels = inputs()
     path = save_mask_adapter(tmp_path / "sub" / "mask.safetensors", m)
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
@@ -121,6 +124,7 @@ def test_adapter_save_load_round_trip(tmp_path):
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         assert not [k for k in f.keys() if k.startswith("base.")]
+        assert [k for k in f.keys() if k.startswith("image_adapters.")]
         assert "oboro_mask_adapter" in f.metadata() and "oboro_base_config" in f.metadata()
     from oboro.oboro_model import MMHDiT, preset
     other = MMHDiT(preset("tiny", in_channels=4, text_dim=32, hidden_size=32, heads=(1, 1, 2, 2)))
@@ -181,14 +185,15 @@ def test_palette_and_region_masks():
     assert region_mask_to_labels(region).tolist() == [[0, 1], [0, 1]]
 
 
-@pytest.mark.parametrize("decoupled", [True, False])
-def test_gradients_reach_only_the_adapter(decoupled):
-    m = make(decoupled).train()
+@pytest.mark.parametrize("decoupled,image_rank", [(True, 0), (False, 0), (True, 4), (False, 4)])
+def test_gradients_reach_only_the_adapter(decoupled, image_rank):
+    m = make(decoupled, image_rank=image_rank).train()
     x, t, text, tm, labels = inputs()
     m(x, t, text, tm, labels).square().mean().backward()
     assert all(p.grad is None for p in m.base.parameters())
     trainable = dict((n, p) for n, p in m.named_parameters() if p.requires_grad)
     assert set(trainable.values()) == set(m.trainable_parameters())
+    assert any(n.startswith("image_adapters.") for n in trainable) == (image_rank > 0)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values()), \
         [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
     grads = [p.grad.clone() for p in trainable.values()]
@@ -219,3 +224,51 @@ def test_condition_dropout():
     mask_dropped = (~keep).float().mean().item()
     assert abs(text_dropped - 0.1) < 0.01 and abs(mask_dropped - 0.1) < 0.01
     assert set(tm.sum(1).tolist()) <= {0.0, 3.0}
+
+
+def masked_dataset(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = [{"latent": torch.randn(4, LAT, LAT, generator=g), "text": torch.randn(5, 32, generator=g),
+              "text_mask": torch.ones(5, dtype=torch.bool)} for _ in range(n)]
+    return MaskedLatents(items, [torch.randint(0, K, (PIX, PIX), generator=g) for _ in range(n)])
+
+
+def engine(tmp=None, **kw):
+    from oboro.oboro_model.training import TrainConfig, Trainer
+    m = make(image_rank=2).train()
+    cfg = dict(steps=4, batch_size=4, lr=1e-2, caption_dropout=0.3, mask_dropout=0.5, spike_guard=False,
+               output_dir=None if tmp is None else str(tmp))
+    return m, Trainer(m, masked_dataset(), TrainConfig(**{**cfg, **kw}))
+
+
+def test_training_engine_batches_masks_with_dropout_and_resumes_exactly(tmp_path):
+    """The engine (OboroTrainMaskAdapter's) feeds mask_labels / mask_keep, accumulates like a big
+    batch, trains only the adapter and resumes bit for bit."""
+    m, tr = engine()
+    base_before = {k: v.clone() for k, v in m.base.state_dict().items()}
+    seen, forward = [], m.forward
+
+    def spy(*a, **kw):
+        seen.append((kw["mask_labels"].shape, kw["mask_keep"].clone()))
+        return forward(*a, **kw)
+
+    m.forward = spy
+    tr.train()
+    assert all(shape == (4, PIX, PIX) for shape, _ in seen) and len(seen) == 4
+    keep = torch.cat([k for _, k in seen])
+    assert keep.any() and not keep.all()  # p = 0.5 over 16 draws
+    assert all(torch.equal(base_before[k], v) for k, v in m.base.state_dict().items())
+    want = m.adapter_state_dict()
+
+    m2, acc = engine(batch_size=2, grad_accum=2)
+    acc.train()
+    assert all(torch.allclose(want[k], v, atol=1e-5) for k, v in m2.adapter_state_dict().items())
+
+    m3, first = engine(tmp_path)
+    first.train(until=2)
+    m4, second = engine(tmp_path, seed=0)
+    second.resume(tmp_path)
+    second.train()
+    assert all(torch.equal(want[k], v) for k, v in m4.adapter_state_dict().items())
+    with pytest.raises(ValueError, match="3 masks for 6"):
+        MaskedLatents(list(range(6)), [0, 1, 2])

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_mask_eval_tiny(tmp_path):
     out = tmp_path / "eval"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "oboro-mask-eval"), "--out", str(out), "--steps", "20",
-                        "--adapter-steps", "10", "--sample-steps", "4", "--seeds", "1", "--threads", "1"],
+                        "--adapter-steps", "10", "--sample-steps", "4", "--seeds", "1", "--threads", "1",
+                        "--shift", "3", "--image-rank", "2"],
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-4000:]
     assert f"oboro mask-eval: report {out.resolve() / 'report.json'}" in r.stdout
@@ -39,3 +40,24 @@ def test_mask_eval_tiny(tmp_path):
     assert report["scorer_on_true_renders"]["mean_iou"] > 0.8
     assert set(report["seconds"]) >= {"demo", "adapter_train", "generate", "total"}
     assert report["adapter"]["steps"] == 10 and len(report["adapter"]["loss"]) == 10
+    assert report["adapter"]["config"]["image_rank"] == 2 and report["adapter"]["shift"] == 3
+
+
+def test_shift_keeps_image_and_mask_a_true_render():
+    """Rolled demo pairs equal the demo's own renders of the shape at the shifted centre."""
+    import numpy as np
+    import torch
+    from oboro.oboro_model import demo_data as dd
+    from oboro.runner.mask_eval import shift_pair
+    g = torch.Generator().manual_seed(0)
+    for shape, pos in (("triangle", "left"), ("circle", "bottom"), ("square", "center")):
+        img, mask = dd.render(shape, "red", "white", pos, 32)
+        x, lab = torch.from_numpy(np.array(img)).permute(2, 0, 1), torch.from_numpy(np.array(mask).astype(np.int64))
+        for _ in range(4):
+            xs, ls = shift_pair(x, lab, 6, g)
+            dy, dx = (torch.nonzero(ls).min(0).values - torch.nonzero(lab).min(0).values).tolist()
+            assert max(abs(dy), abs(dx)) <= 6
+            cx, cy = dd.POSITIONS[pos]
+            want_img, want_mask = dd.render(shape, "red", "white", (cx + dx / 32, cy + dy / 32), 32)
+            assert torch.equal(ls, torch.from_numpy(np.array(want_mask).astype(np.int64)))
+            assert np.abs(xs.permute(1, 2, 0).numpy().astype(int) - np.array(want_img).astype(int)).max() <= 1

@@ -38,8 +38,8 @@ def models(comfy, adapter_dir):
     dit = tiny_dit()
     save_checkpoint(comfy.models / "diffusion_models" / DIT, dit)
     save_t5(comfy.models / "text_encoders" / T5, tiny_t5())
-    for name, decoupled in ((ADAPTER, True), (HOLISTIC, False)):
-        mcd = MaskControlDiT(tiny_dit(), MaskAdapterConfig(num_labels=K, decoupled=decoupled))
+    for name, decoupled in ((ADAPTER, True), (HOLISTIC, False)):  # the cached one with an image-stream LoRA
+        mcd = MaskControlDiT(tiny_dit(), MaskAdapterConfig(num_labels=K, decoupled=decoupled, image_rank=4 * decoupled))
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():  # LoRA "up" starts at 0: randomise everything so the mask path counts
             for p in mcd.trainable_parameters():
@@ -206,7 +206,7 @@ def test_cache_lifetime_and_base_model_untouched(comfy, models):
 def test_adapter_round_trip_via_loader(comfy, models, adapter_dir):
     adapter = nodes()["OboroMaskAdapterLoader"].execute(ADAPTER)[0]
     saved = load_file(str(adapter_dir / ADAPTER))
-    assert adapter.cfg.to_json() == MaskAdapterConfig(num_labels=K).to_json() and set(adapter.sd) == set(saved)
+    assert adapter.cfg.to_json() == MaskAdapterConfig(num_labels=K, image_rank=4).to_json() and set(adapter.sd) == set(saved)
     assert all(torch.equal(adapter.sd[k], saved[k]) for k in saved)
     patcher = nodes()["OboroModelLoader"].execute(DIT, "fp32")[0]
     mcd = adapter.build(patcher.model.diffusion_model, 1.0)
@@ -287,7 +287,7 @@ def test_train_mask_adapter_writes_a_loadable_adapter(comfy, models, adapter_dir
     g = {"m": {"class_type": "OboroModelLoader", "inputs": {"model_name": DIT, "weight_dtype": "fp32"}},
          "train": {"class_type": "OboroTrainMaskAdapter", "inputs": {
              "model": ["m", 0], "cache_dir": str(tmp_path / "cache"), "mask_dir": str(tmp_path / "data" / "masks"),
-             "output_name": "trained_mask", "steps": 3, "batch_size": 2, "lr": 1e-3, "rank": 4, "seed": 0,
+             "output_name": "trained_mask", "steps": 3, "batch_size": 2, "lr": 1e-3, "rank": 4, "image_rank": 2, "seed": 0,
              "num_labels": 0, "condition_dropout": 0.1, "precision": "fp32"}},
          "mc": {"class_type": "OboroApplyMaskControl", "inputs": {
              "model": ["m", 0], "adapter": ["train", 2], "strength": 1.0, "mask": ["region", 0], "region_label": 2}},
@@ -307,7 +307,21 @@ def test_train_mask_adapter_writes_a_loadable_adapter(comfy, models, adapter_dir
     mcd = load_mask_adapter(path, tiny_dit())
     assert mcd.cfg.num_labels == 4 and mcd.cfg.rank == 4 and mcd.cfg.vae_scale == 8
     assert mcd.adapters[0]["qkv"].up.abs().max() > 0  # trained (starts at 0)
+    assert mcd.cfg.image_rank == 2 and mcd.image_adapters[0]["w2"].up.abs().max() > 0
     assert nodes()["OboroMaskAdapterLoader"].execute("trained_mask.safetensors")[0].cfg.to_json() == mcd.cfg.to_json()
+
+    # on the training engine: 2 steps, then resume_from 'latest' up to 3 == the straight 3-step run
+    train = {"m": g["m"], "train": {**g["train"], "inputs": {**g["train"]["inputs"], "output_name": "resumed"}}}
+    train["train"]["inputs"]["steps"] = 2
+    comfy.run(train)
+    train["train"]["inputs"].update(steps=3, resume_from="latest")
+    again = json.loads(comfy.run(train)["outputs"]["train"]["text"][0])
+    assert again["steps"] == 3 and Path(again["state_dir"]).name == "resumed_mask"
+    straight, resumed = load_file(str(path)), load_file(again["path"])
+    assert set(straight) == set(resumed) and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    train["train"]["inputs"].update(resume_from="")
+    with pytest.raises(Exception, match="already holds training states"):
+        comfy.run(train)
 
 
 def test_mask_label_alignment_replays_the_cache_crop(tmp_path):

@@ -15,6 +15,7 @@ micro-batch, so W ranks equal one process with batch_size * W (up to float summa
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -79,6 +80,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     ema_decay: Optional[float] = None  # e.g. 0.999; None: no EMA
     caption_dropout: float = 0.1       # p of training a sample unconditionally (for CFG)
+    mask_dropout: float = 0.0          # items with "mask_labels" (mask control): p of dropping the mask
     t_sampling: str = "uniform"        # uniform | logit_normal
     t_mean: float = 0.0
     t_std: float = 1.0
@@ -99,8 +101,9 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {sorted(PRECISIONS)}")
         if self.t_sampling not in T_SAMPLING:
             raise ValueError(f"unknown t sampling {self.t_sampling!r}; choose one of {T_SAMPLING}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        for name in ("caption_dropout", "mask_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,7 +121,9 @@ def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 class Trainer:
     """Train `model` (an MMHDiT or anything with its forward) on a map-style `dataset` of
-    {"latent": [C,H,W], "text": [L,D], "text_mask": [L]}. optimizer/scheduler/guard default to
+    {"latent": [C,H,W], "text": [L,D], "text_mask": [L]}; items that also hold "mask_labels" [h,w]
+    (mask control, oboro_model/mask_control.py) get them batched as forward(..., mask_labels=,
+    mask_keep=) with each sample's mask dropped with p = mask_dropout. optimizer/scheduler/guard default to
     the ones `config` describes; a supplied scheduler must apply guard.lr_scale itself.
     `empty_text` [Le, D] (+ `empty_mask`) is the empty-prompt embedding used for caption dropout."""
 
@@ -203,9 +208,12 @@ class Trainer:
             x0 = torch.randn((n, *shape), generator=g)
             drop = caption_dropout_mask(n, c.caption_dropout, g)
             eps = torch.randn((n, *shape), generator=g) if c.sigma else None
+            masked = "mask_labels" in items[0]
+            keep = torch.rand(n, generator=g) >= c.mask_dropout if masked and c.mask_dropout else None
             if sel is not None:
                 t, x0, drop = t[sel], x0[sel], drop[sel]
                 eps = None if eps is None else eps[sel]
+                keep = None if keep is None else keep[sel]
             self.optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=dev)
             for i in range(c.grad_accum):
@@ -213,10 +221,15 @@ class Trainer:
                 x1, text, mask = collate(items[sl])
                 text, mask = drop_captions(text, mask, drop[sl], self.empty_text, self.empty_mask)
                 cast = dict(device=dev, dtype=self.input_dtype)
+                model = self.forward_model
+                if masked:
+                    labels = torch.stack([it["mask_labels"] for it in items[sl]]).to(dev)
+                    model = functools.partial(model, mask_labels=labels,
+                                              mask_keep=None if keep is None else keep[sl].to(dev))
                 last = i == c.grad_accum - 1
                 with contextlib.nullcontext() if last else self.dist.no_sync(self.forward_model):
                     with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                        loss = icfm_loss(self.forward_model, x1.to(**cast), text.to(**cast), mask.to(dev),
+                        loss = icfm_loss(model, x1.to(**cast), text.to(**cast), mask.to(dev),
                                          t[sl].to(dev), x0[sl].to(**cast), c.sigma,
                                          None if eps is None else eps[sl].to(**cast))
                     loss = loss / c.grad_accum
