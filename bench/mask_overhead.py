@@ -14,6 +14,7 @@ add time, and extra_cached is a small difference of two large times, so a median
 dominated by that noise.
 
     .venv/bin/python bench/mask_overhead.py [--hidden 384 --depth 8 --latent 32 --text-tokens 64 --steps 20]
+                                            [--image-rank 16]   (the image-stream LoRA runs every step)
 """
 import argparse
 import sys
@@ -36,6 +37,7 @@ p.add_argument("--steps", type=int, default=20)
 p.add_argument("--batch", type=int, default=1)
 p.add_argument("--runs", type=int, default=5)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--image-rank", type=int, default=0, help="image-stream LoRA rank of the adapter (0: none)")
 a = p.parse_args()
 
 import torch  # noqa: E402
@@ -60,8 +62,8 @@ def init_(model):  # random everywhere (LoRA "up" too), so no path is zero-gated
 
 
 base = init_(MMHDiT(cfg))
-holistic = init_(MaskControlDiT(base, MaskAdapterConfig(num_labels=a.labels, decoupled=False)))
-decoupled = MaskControlDiT(base, MaskAdapterConfig(num_labels=a.labels, decoupled=True))
+holistic = init_(MaskControlDiT(base, MaskAdapterConfig(num_labels=a.labels, decoupled=False, image_rank=a.image_rank)))
+decoupled = MaskControlDiT(base, MaskAdapterConfig(num_labels=a.labels, decoupled=True, image_rank=a.image_rank))
 decoupled.load_state_dict(holistic.state_dict())  # same adapter weights
 
 B, S = a.batch, a.latent
@@ -102,7 +104,8 @@ T = {k: min(v) for k, v in times.items()}
 n_img = (S // 2) ** 2
 print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32 CPU; hidden {a.hidden}, depth {a.depth}, "
       f"heads {a.heads}, mlp {a.mlp}, text_dim {a.text_dim}, batch {B}, {S}x{S}x16 latent -> {n_img} image tokens, "
-      f"1 BOS + {a.text_tokens} text tokens, {n_img} mask tokens ({a.labels} labels), {a.steps} Euler steps; "
+      f"1 BOS + {a.text_tokens} text tokens, {n_img} mask tokens ({a.labels} labels), image LoRA rank {a.image_rank}, "
+      f"{a.steps} Euler steps; "
       f"best of {a.runs}")
 for k in cases:
     print(f"{k:9s}: {T[k] * 1e3:8.1f} ms per run  ({T[k] * 1e3 / a.steps:.1f} ms per step)")

@@ -13,6 +13,8 @@ OboroApplyMaskControl clones the ModelPatcher and installs
 The cache lives on the MaskController the patch closes over. An entry is keyed by the cond uuids
 ComfyUI puts in transformer_options (one per cond/uncond chunk, batched or not), batch, latent
 size, dtype and device; a hit also needs the context and attention mask equal to the entry's.
+mask_on_negative=False: the chunks ComfyUI marks uncond (transformer_options["cond_or_uncond"])
+run with the mask dropped (mask_keep False), so CFG guides towards the mask as well.
 
 OboroTrainMaskAdapter masks: mask_dir/<image path relative to the dataset folder, suffix .png>,
 the size of its image. Mode P / L / I: pixel value = label (0 background, 1.. regions; what
@@ -54,7 +56,7 @@ from ..oboro_model.mask_control import (SHAPE_FIELDS, MaskAdapterConfig, MaskCon
 from ..oboro_model.training import TrainConfig, list_checkpoints
 from ..oboro_model.training.optim import SCHEDULES
 from .training import PRECISION, STATE_ROOT, _inside, _plain_weights, drive
-from .training_preview import BucketTrainer, load_history, loss_curve_image, resume_file
+from .training_preview import BucketTrainer, encode_plain, load_history, loss_curve_image, resume_file
 
 log = logging.getLogger("oboro")
 FOLDER, PATCH, KEY, MAX_ENTRIES = "oboro_mask_adapters", "diffusion_model.forward", "oboro_mask_control", 8
@@ -104,8 +106,9 @@ def _same(a, b) -> bool:
 class MaskController:
     """The patched forward and its per-run static K/V cache (see the module docstring)."""
 
-    def __init__(self, mcd: MaskControlDiT, labels: torch.Tensor, offload_device):
+    def __init__(self, mcd: MaskControlDiT, labels: torch.Tensor, offload_device, mask_on_negative: bool = True):
         self.mcd, self.labels, self.offload_device = mcd, labels, offload_device
+        self.mask_on_negative = mask_on_negative
         self.cache, self.hits, self.misses = OrderedDict(), 0, 0
 
     def __deepcopy__(self, memo):  # model_options get deep-copied; never copy the model with them
@@ -125,16 +128,27 @@ class MaskController:
             return self.labels if n in (1, B) else self.labels.repeat(B // n, 1, 1)
         raise ValueError(f"mask batch {n} does not fit the model batch {B}; use 1 mask or one per latent")
 
+    def keep(self, B: int, transformer_options) -> torch.Tensor | None:
+        """mask_keep [B] for this call: None (all keep it), or False on the negative prompt's chunk
+        when mask_on_negative is off (ComfyUI stacks equal chunks in cond_or_uncond's order)."""
+        cou = list(transformer_options.get("cond_or_uncond") or ())
+        if self.mask_on_negative or 1 not in cou:
+            return None
+        return torch.tensor([c != 1 for c in cou]).repeat_interleave(B // len(cou))
+
     def static(self, x, context, attention_mask, transformer_options):
         B, _, H, W = x.shape
-        key = (tuple(map(str, transformer_options.get("uuids") or ())), B, H, W, x.dtype, x.device)
+        keep = self.keep(B, transformer_options)
+        key = (tuple(map(str, transformer_options.get("uuids") or ())), B, H, W, x.dtype, x.device,
+               None if keep is None else tuple(keep.tolist()))
         hit = self.cache.get(key)
         if hit is not None and _same(hit[0], context) and _same(hit[1], attention_mask):
             self.hits += 1
             self.cache.move_to_end(key)
             return hit[2]
         self.misses += 1
-        sc = self.mcd.precompute_static(context, attention_mask, self.labels_for(B), B, (H, W), dtype=x.dtype)
+        sc = self.mcd.precompute_static(context, attention_mask, self.labels_for(B), B, (H, W), dtype=x.dtype,
+                                        mask_keep=None if keep is None else keep.to(x.device))
         self.cache[key] = (context, attention_mask, sc)
         while len(self.cache) > MAX_ENTRIES:
             self.cache.popitem(last=False)
@@ -145,13 +159,15 @@ class MaskController:
         h, w, p = *x.shape[-2:], self.mcd.base.config.patch_size
         x = comfy.ldm.common_dit.pad_to_patch_size(x, (p, p))
         sc = self.static(x, context, attention_mask, transformer_options) if self.mcd.decoupled else None
-        u = self.mcd(x, 1.0 - timesteps, context, attention_mask, self.labels_for(x.shape[0]), static_cache=sc)
+        keep = None if sc is not None else self.keep(x.shape[0], transformer_options)
+        u = self.mcd(x, 1.0 - timesteps, context, attention_mask, self.labels_for(x.shape[0]), static_cache=sc,
+                     mask_keep=None if keep is None else keep.to(x.device))
         return -u[..., :h, :w]
 
 
-def mask_controlled(model, mcd: MaskControlDiT, labels: torch.Tensor):
+def mask_controlled(model, mcd: MaskControlDiT, labels: torch.Tensor, mask_on_negative: bool = True):
     """A clone of the ModelPatcher `model` that runs `mcd` with these labels (see the docstring)."""
-    ctl = MaskController(mcd, labels, model.offload_device)
+    ctl = MaskController(mcd, labels, model.offload_device, mask_on_negative)
 
     def forward(*args, **kwargs):
         return ctl(*args, **kwargs)
@@ -213,12 +229,15 @@ class OboroApplyMaskControl(io.ComfyNode):
                 io.Mask.Input("mask", optional=True, tooltip="One region (> 0.5) on label 0 background."),
                 io.Int.Input("region_label", default=1, min=1, max=255, optional=True,
                              tooltip="The label the region of `mask` gets."),
+                io.Boolean.Input("mask_on_negative", default=True, optional=True,
+                                 tooltip="Off: the negative prompt runs without the mask, so CFG guides towards "
+                                         "the mask as well (with an empty positive prompt: guided mask-only)."),
             ],
             outputs=[io.Model.Output()])
 
     @classmethod
     def execute(cls, model, adapter, strength, mask_image=None, palette=DEFAULT_PALETTE, mask=None,
-                region_label=1) -> io.NodeOutput:
+                region_label=1, mask_on_negative=True) -> io.NodeOutput:
         dm, K = _oboro_dm(model, "OboroApplyMaskControl"), adapter.cfg.num_labels
         if (mask_image is None) == (mask is None):
             raise ValueError("OboroApplyMaskControl: connect exactly one of mask_image (a colour-coded label map, "
@@ -236,7 +255,7 @@ class OboroApplyMaskControl(io.ComfyNode):
                 raise ValueError(f"region_label {region_label} >= the adapter's {K} labels (0..{K - 1})")
             labels = region_mask_to_labels(mask) * int(region_label)
         labels = labels[None] if labels.ndim == 2 else labels
-        return io.NodeOutput(mask_controlled(model, adapter.build(dm, strength), labels.cpu()))
+        return io.NodeOutput(mask_controlled(model, adapter.build(dm, strength), labels.cpu(), mask_on_negative))
 
 
 def load_label_mask(path: Path, item: dict, settings: dict, palette) -> torch.Tensor:
@@ -289,6 +308,8 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                              tooltip="Save a resumable training state every N steps (0: at the end and on interrupt)."),
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="'latest' continues this output_name's last state (after an interrupt too)."),
+                io.Clip.Input("clip", optional=True, tooltip="T5 (OboroT5Loader): a dropped text becomes T5(\"\"), "
+                              "the empty prompt the base was trained and is guided with (else: no tokens)."),
             ],
             outputs=[io.String.Output("path", display_name="path"),
                      io.Image.Output("loss_curve", display_name="loss_curve"),
@@ -298,7 +319,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, cache_dir, mask_dir, output_name, steps, batch_size, lr, rank, image_rank, seed, num_labels,
                 condition_dropout: float, precision, palette="", warmup=0, schedule="constant", checkpoint_every=0,
-                resume_from="") -> io.NodeOutput:
+                resume_from="", clip=None) -> io.NodeOutput:
         node, t0 = "OboroTrainMaskAdapter", time.time()
         dm = _oboro_dm(model, node)
         stem = output_name.strip().removesuffix(".safetensors")
@@ -330,6 +351,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                            schedule=schedule, precision=PRECISION[precision], caption_dropout=condition_dropout,
                            mask_dropout=condition_dropout, seed=seed, checkpoint_every=checkpoint_every,
                            output_dir=str(state_dir))
+        empty = encode_plain(clip, "", int(cache.settings.get("max_tokens", 256))) if clip is not None else (None, None)
         device = mm.get_torch_device()
         weights = _plain_weights(model, device)
         mm.unload_all_models()
@@ -340,7 +362,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
             with torch.random.fork_rng(devices=[]):  # the adapter's init follows `seed` too
                 torch.manual_seed(seed)
                 mcd = MaskControlDiT(net, cfg)  # the base is frozen: only the adapter trains
-            trainer = BucketTrainer(mcd, MaskedLatents(cache, masks), tcfg)  # text dropout: no tokens, as cfg says
+            trainer = BucketTrainer(mcd, MaskedLatents(cache, masks), tcfg, empty_text=empty[0], empty_mask=empty[1])
             if resume is not None:
                 trainer.resume(resume)
             history = load_history(resume, trainer.step)

@@ -5,17 +5,19 @@ the tiny demo model draw its shape where a held-out mask says, with and without 
    or an existing demo output folder (`--demo DIR`) to skip those ~2 minutes;
 2. adapter: on the training engine as OboroTrainMaskAdapter trains it (Trainer over MaskedLatents,
    outside ComfyUI): MaskControlDiT (decoupled) over the frozen demo model, text and mask dropout
-   p = 0.1 each, on the demo's latent cache (its 225 training images, 32x32 pixel space, with their
-   cached T5 states) and dataset/masks/ (labels 0 bg, 1 circle, 2 square, 3 triangle; nearest-
+   p = 0.1 each (a dropped text is T5(""), the empty prompt the base was trained with), on the
+   demo's latent cache (its 225 training images, 32x32 pixel space, with their cached T5 states)
+   and dataset/masks/ (labels 0 bg, 1 circle, 2 square, 3 triangle; nearest-
    resized 64 -> 32 as the node does); `--shift N` rolls each image and its mask together by up to
    N px (the demo has 5 positions only); `--image-rank` adds the image-stream LoRA; saved with
    save_mask_adapter to <out>/mask_adapter.safetensors;
 3. generate: held-out masks, i.e. the 3 held-out (shape, colour) pairs (never in any training
    image) at 4 shape centres that are none of the demo's 5 positions, drawn at 32x32; each mask
    with its caption ("a green triangle on a black background" + nearest position word) and with
-   the empty prompt (mask only), `--seeds` seeds each; Euler, 20 steps by default; with text:
-   CFG on the text (negative = empty prompt, same mask); mask only: `--mask-cfg` guidance against
-   no text and no mask (1 = none, the default);
+   the empty prompt T5("") (mask only), `--seeds` seeds each; Euler, 20 steps by default; with text:
+   CFG on the text (negative = empty prompt, same mask: OboroApplyMaskControl's default); mask
+   only: `--mask-cfg` guidance against no text and no mask (1 = none, the default; in ComfyUI:
+   empty positive and negative prompts, mask_on_negative off);
 4. score: foreground = pixels farther than 60 (RGB) from the background colour (demo_data's
    rule); the background is the nearest demo background to the image's border median, so the
    mask-only images, which name none, are judged the same way; IoU with the mask's foreground
@@ -161,8 +163,9 @@ class ShiftedMasks(MaskedLatents):
         return item
 
 
-def train_adapter(base, cache: LatentCache, mask_root: Path, opts) -> tuple[MaskControlDiT, list]:
-    """On the training engine, as OboroTrainMaskAdapter trains (Trainer over MaskedLatents)."""
+def train_adapter(base, cache: LatentCache, mask_root: Path, opts, empty: tuple) -> tuple[MaskControlDiT, list]:
+    """On the training engine, as OboroTrainMaskAdapter trains (Trainer over MaskedLatents); a
+    dropped text becomes T5("") (`empty`), the prompt the base was trained and is guided with."""
     size = tuple(cache.items[0]["bucket"])
     masks = [torch.from_numpy(np.asarray(Image.open(mask_root / Path(it["file"]).with_suffix(".png"))
                                          .resize(size, Image.Resampling.NEAREST)).astype(np.int64))
@@ -174,7 +177,7 @@ def train_adapter(base, cache: LatentCache, mask_root: Path, opts) -> tuple[Mask
     tcfg = TrainConfig(steps=opts.adapter_steps, batch_size=opts.batch_size, lr=opts.lr, weight_decay=0.0,
                        warmup=max(1, min(30, opts.adapter_steps // 10)), schedule="cosine",
                        caption_dropout=cfg.text_dropout, mask_dropout=cfg.mask_dropout, seed=0)
-    trainer = Trainer(mcd, ShiftedMasks(cache, masks, opts.shift), tcfg)
+    trainer = Trainer(mcd, ShiftedMasks(cache, masks, opts.shift), tcfg, empty_text=empty[0][0], empty_mask=empty[1][0])
     losses, said = [], [time.monotonic()]
 
     def callback(step, loss, lr, rate):
@@ -188,12 +191,13 @@ def train_adapter(base, cache: LatentCache, mask_root: Path, opts) -> tuple[Mask
 
 
 @torch.no_grad()
-def generate(mcd: MaskControlDiT, cases: list[dict], text_conds: list, size: int, opts, with_text: bool) -> torch.Tensor:
-    """[N * seeds, 3, H, W] in [-1, 1]; sample k = case k // seeds, seed k % seeds."""
+def generate(mcd: MaskControlDiT, cases: list[dict], text_conds: list, empty: tuple, size: int, opts,
+             with_text: bool) -> torch.Tensor:
+    """[N * seeds, 3, H, W] in [-1, 1]; sample k = case k // seeds, seed k % seeds. empty: T5("")."""
     seeds, D = opts.seeds, mcd.base.config.text_dim
     labels = torch.stack([case_labels(c, size) for c in cases for _ in range(seeds)])
     B = labels.shape[0]
-    empty = (torch.zeros(B, 1, D), torch.zeros(B, 1, dtype=torch.bool))
+    empty = (empty[0].expand(B, -1, -1), empty[1].expand(B, -1))
     if with_text:
         L = max(t.shape[1] for t, _ in text_conds)
         text, tmask = torch.zeros(B, L, D), torch.zeros(B, L, dtype=torch.bool)
@@ -304,7 +308,8 @@ def run(opts) -> int:
     t0 = time.monotonic()
     log(f"training the mask adapter: {opts.adapter_steps} steps, batch {opts.batch_size}, lr {opts.lr}, "
         f"{torch.get_num_threads()} thread(s)")
-    mcd, losses = train_adapter(base, cache, d / "dataset" / "masks", opts)
+    empty = t5("")
+    mcd, losses = train_adapter(base, cache, d / "dataset" / "masks", opts, empty)
     save_mask_adapter(out / "mask_adapter.safetensors", mcd)
     seconds["adapter_train"] = round(time.monotonic() - t0, 1)
 
@@ -314,7 +319,7 @@ def run(opts) -> int:
     images, results = {}, {}
     (out / "samples").mkdir(exist_ok=True)
     for key, with_text in (("text", True), ("no_text", False)):
-        xs = generate(mcd, cases, text_conds, size, opts, with_text)
+        xs = generate(mcd, cases, text_conds, empty, size, opts, with_text)
         images[key] = [to_image(x) for x in xs]
         results[key] = []
         for k, im in enumerate(images[key]):

@@ -142,7 +142,7 @@ def test_sampling_with_oboro_sampler_and_ksampler(comfy, models, monkeypatch):
     assert len(calls) == 6, len(calls)
 
 
-def pure_reference(models, labels, steps, cfg, seed, solver, adapter=ADAPTER):
+def pure_reference(models, labels, steps, cfg, seed, solver, adapter=ADAPTER, mask_on_negative=True):
     import folder_paths
     n = nodes()
     clip = n["OboroT5Loader"].execute(**t5_inputs())[0]
@@ -153,7 +153,10 @@ def pure_reference(models, labels, steps, cfg, seed, solver, adapter=ADAPTER):
     mcd = load_mask_adapter(folder_paths.get_full_path("oboro_mask_adapters", adapter), base)
     noise = prepare_noise(torch.zeros(1, 16, 8, 8), seed)
     with torch.no_grad():  # static path recomputed at every call (no cache), CFG as two forwards like ComfyUI
-        velocity = lambda x, t: cfg_velocity(lambda *a: mcd(*a, mask_labels=labels), x, t, pos, neg, cfg, batched=False)
+        def model(x, t, text, text_mask):  # POS and NEG differ in length: tell them apart by it
+            on = mask_on_negative or text.shape[1] == pos[0].shape[1]
+            return mcd(x, t, text, text_mask, mask_labels=labels if on else None)
+        velocity = lambda x, t: cfg_velocity(model, x, t, pos, neg, cfg, batched=False)  # noqa: E731
         return solve(velocity, noise, time_grid(steps), solver, open_end=True), pos, neg
 
 
@@ -175,6 +178,25 @@ def test_cached_wrapper_equals_mask_control_recomputed_each_step(comfy, models, 
         uncached, = run_latents(comfy, g, "ob")
         print(solver, "ComfyUI cached vs uncached", max_diff(ob, uncached))
         assert max_diff(ob, uncached) <= 1e-6
+
+
+@pytest.mark.parametrize("adapter", [ADAPTER, HOLISTIC])
+def test_mask_off_on_the_negative_prompt(comfy, models, adapter):
+    """mask_on_negative=False: the negative prompt's forward runs without the mask (CFG then guides
+    towards it too), == the pure sampler with the mask on the positive only."""
+    g = graph(mask_on_negative=False)
+    g["ad"]["inputs"]["adapter_name"] = adapter
+    g["ob"] = sampler("oboro", "mc", steps=3, cfg=4.0, seed=5)
+    g["mc_same"] = {**g["mc"], "inputs": {**g["mc"]["inputs"], "mask_on_negative": True}}
+    g["ob_same"] = sampler("oboro", "mc_same", steps=3, cfg=4.0, seed=5)
+    ob, same = run_latents(comfy, g, "ob", "ob_same")
+    pure, _, _ = pure_reference(models, square_labels(), 3, 4.0, 5, "euler", adapter, mask_on_negative=False)
+    pure = nodes()["OboroModelLoader"].execute(DIT, "fp32")[0].model.process_latent_out(pure)
+    assert max_diff(ob, pure) <= 1e-5 and max_diff(ob, same) > 1e-3
+    ctl = node_module().MaskController(None, square_labels(), "cpu", mask_on_negative=False)
+    assert ctl.keep(4, {"cond_or_uncond": [0, 1]}).tolist() == [True, True, False, False]
+    assert ctl.keep(2, {"cond_or_uncond": [1, 0]}).tolist() == [False, True]
+    assert ctl.keep(2, {"cond_or_uncond": [0]}) is None
 
 
 def test_cache_lifetime_and_base_model_untouched(comfy, models):
@@ -288,7 +310,7 @@ def test_train_mask_adapter_writes_a_loadable_adapter(comfy, models, adapter_dir
          "train": {"class_type": "OboroTrainMaskAdapter", "inputs": {
              "model": ["m", 0], "cache_dir": str(tmp_path / "cache"), "mask_dir": str(tmp_path / "data" / "masks"),
              "output_name": "trained_mask", "steps": 3, "batch_size": 2, "lr": 1e-3, "rank": 4, "image_rank": 2, "seed": 0,
-             "num_labels": 0, "condition_dropout": 0.1, "precision": "fp32"}},
+             "num_labels": 0, "condition_dropout": 0.5, "precision": "fp32", "clip": ["te", 0]}},
          "mc": {"class_type": "OboroApplyMaskControl", "inputs": {
              "model": ["m", 0], "adapter": ["train", 2], "strength": 1.0, "mask": ["region", 0], "region_label": 2}},
          "region": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}},
@@ -311,7 +333,7 @@ def test_train_mask_adapter_writes_a_loadable_adapter(comfy, models, adapter_dir
     assert nodes()["OboroMaskAdapterLoader"].execute("trained_mask.safetensors")[0].cfg.to_json() == mcd.cfg.to_json()
 
     # on the training engine: 2 steps, then resume_from 'latest' up to 3 == the straight 3-step run
-    train = {"m": g["m"], "train": {**g["train"], "inputs": {**g["train"]["inputs"], "output_name": "resumed"}}}
+    train = {"m": g["m"], "te": g["te"], "train": {**g["train"], "inputs": {**g["train"]["inputs"], "output_name": "resumed"}}}
     train["train"]["inputs"]["steps"] = 2
     comfy.run(train)
     train["train"]["inputs"].update(steps=3, resume_from="latest")
@@ -322,6 +344,11 @@ def test_train_mask_adapter_writes_a_loadable_adapter(comfy, models, adapter_dir
     train["train"]["inputs"].update(resume_from="")
     with pytest.raises(Exception, match="already holds training states"):
         comfy.run(train)
+    # with the T5 connected a dropped text is T5(""), without it no tokens: other training
+    del train["train"]["inputs"]["clip"]
+    train["train"]["inputs"].update(output_name="no_clip")
+    no_clip = load_file(json.loads(comfy.run(train)["outputs"]["train"]["text"][0])["path"])
+    assert not all(torch.equal(straight[k], no_clip[k]) for k in straight)
 
 
 def test_mask_label_alignment_replays_the_cache_crop(tmp_path):
