@@ -25,9 +25,14 @@ jointly (mask <-> text perception stays). Its per-block post-RoPE K, V are compu
 image tokens run, t-modulated, attending to [cached K, V; image K, V]. This CHANGES the text
 pathway vs the base (there text is t-modulated and sees the image): a decoupled model is not the
 base even with no mask. Holistic tri-stream (decoupled=False, the benchmark's reference): [BOS;
-text; image; mask] all t-modulated and recomputed jointly each step; with mask None it runs the
-base's exact operations (== base bitwise); with the mask dropped or strength 0, equal up to
-float rounding.
+text; image; mask] all t-modulated and recomputed jointly each step; with mask None (and no
+image LoRA) it runs the base's exact operations (== base bitwise); with the mask dropped or
+strength 0, equal up to float rounding.
+
+Image-stream LoRA (cfg.image_rank > 0, off by default here, 16 in OboroTrainMaskAdapter): LoRAs
+on the image tokens' qkv/out/w1/w2/w3 too (never on text tokens, so the static path is as above).
+MDiTFace fine-tunes its whole DiT with LoRA; on the demo a frozen image stream could not draw the
+mask's outline (runner/mask_eval.py, README).
 
 `strength` s scales the attention weight every query gives mask keys (logit bias log s): 1 = as
 trained, 0 = mask off, > 1 amplifies. Condition dropout (p = 0.1 each, independent) drops a
