@@ -188,7 +188,8 @@ class LoRA(nn.Module):
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))  # peft's default; up = 0: starts as the base
 
     def forward(self, x):
-        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype)) * self.scale
+        y = F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+        return y if self.scale == 1.0 else y * self.scale
 
 
 @dataclass
@@ -251,6 +252,9 @@ class MaskControlDiT(nn.Module):
         if not n_mask and a == b:
             return y
         L = x.shape[1]
+        if not n_mask and (a, b) == (0, L):  # the decoupled per-step pathway: image tokens only, no copies
+            d = self.image_adapters[i][name](x)
+            return y + d if torch.is_grad_enabled() else y.add_(d)
         parts = [y[:, :a], y[:, a:b] + self.image_adapters[i][name](x[:, a:b]) if b > a else y[:, a:b],
                  y[:, b:L - n_mask]]
         if n_mask:
