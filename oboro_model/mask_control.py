@@ -35,8 +35,9 @@ MDiTFace fine-tunes its whole DiT with LoRA; on the demo a frozen image stream c
 mask's outline (runner/mask_eval.py, README).
 
 `strength` s scales the attention weight every query gives mask keys (logit bias log s): 1 = as
-trained, 0 = mask off, > 1 amplifies. Condition dropout (p = 0.1 each, independent) drops a
-sample's text (text_mask row -> 0; BOS stays: the empty prompt) or mask (its keys -> -inf).
+trained, 0 = mask off, > 1 amplifies. Condition dropout (cfg.text_dropout, cfg.mask_dropout:
+p = 0.1 each, independent; drawn by the training engine, TrainConfig caption_dropout and
+mask_dropout) drops a sample's text (the empty prompt) or mask (mask_keep False: keys -> -inf).
 """
 from __future__ import annotations
 
@@ -166,15 +167,6 @@ def labels_to_grid(labels: torch.Tensor, num_labels: int, size: tuple[int, int],
     if tuple(lab.shape[1:]) != (H, W):
         onehot = F.avg_pool2d(onehot, vae_scale)
     return onehot.expand(batch, -1, -1, -1)
-
-
-def condition_dropout(cfg: MaskAdapterConfig, text_mask: torch.Tensor, generator: Optional[torch.Generator] = None):
-    """Training helper: independently drop each sample's text (p = cfg.text_dropout) and mask
-    (p = cfg.mask_dropout). text_mask [B, L] (ones when unpadded) -> (text_mask with dropped rows
-    0, mask_keep [B] bool), for forward(..., text_mask=, mask_keep=). Both dropped: unconditional."""
-    r = torch.rand(2, text_mask.shape[0], generator=generator).to(text_mask.device)
-    keep_text, keep_mask = r[0] >= cfg.text_dropout, r[1] >= cfg.mask_dropout
-    return text_mask * keep_text[:, None].to(text_mask.dtype), keep_mask
 
 
 # --- the model ---
