@@ -280,8 +280,9 @@ class OboroTrainMaskAdapter(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="OboroTrainMaskAdapter", display_name="oboro Train Mask Adapter", category="oboro/mask",
-            description="Trains a mask adapter (mask embedder + rank-r LoRAs of the mask stream) on a frozen oboro "
-                        "model from a latent cache plus per-image label masks, with condition dropout per modality. "
+            description="Trains a mask adapter (mask embedder + LoRAs of the mask stream and, with image_rank > 0, "
+                        "the image stream) on a frozen oboro model from a latent cache plus per-image label masks, "
+                        "with condition dropout per modality, on the training engine (resumable). "
                         "Saves models/oboro_mask_adapters/<output_name>.safetensors.",
             inputs=[
                 io.Model.Input("model", tooltip="From OboroModelLoader; its patches (e.g. LoRAs) are merged in."),
