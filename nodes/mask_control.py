@@ -22,7 +22,9 @@ oboro_model/demo_data.py writes). RGB(A): colour i of `palette` = label i. The l
 crop/resize of the image (policy, crop, seed, epoch 0) is replayed on the mask (nearest). Training
 runs on the engine (oboro_model/training: BucketTrainer over MaskedLatents), so it has the LoRA
 nodes' spike guard, schedules, resumable states (output/oboro_training/<output_name>_mask) and
-interrupt; text and mask dropout are independent per sample (p = condition_dropout each).
+interrupt; text and mask dropout are independent per sample (p = condition_dropout each). A dropped
+text is no tokens (the adapter records dropped_text "no_tokens", so OboroApplyMaskControl reads an
+empty prompt the same way); with `clip` connected it is T5("") ("empty_prompt").
 """
 from __future__ import annotations
 
@@ -309,8 +311,9 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                              tooltip="Save a resumable training state every N steps (0: at the end and on interrupt)."),
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="'latest' continues this output_name's last state (after an interrupt too)."),
-                io.Clip.Input("clip", optional=True, tooltip="T5 (OboroT5Loader): a dropped text becomes T5(\"\"), "
-                              "the empty prompt the base was trained and is guided with (else: no tokens)."),
+                io.Clip.Input("clip", optional=True, tooltip="Leave unconnected (recommended): a dropped text is no "
+                              "tokens, and an empty prompt is read so when sampling. Connected (T5): a dropped "
+                              "text is T5(\"\") as encoded; on the demo mask-only followed masks worse so."),
             ],
             outputs=[io.String.Output("path", display_name="path"),
                      io.Image.Output("loss_curve", display_name="loss_curve"),
@@ -347,6 +350,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
             raise ValueError(f"{node}: the masks hold label {top} but num_labels is {K}")
         cfg = MaskAdapterConfig(num_labels=K, rank=rank, image_rank=image_rank, text_dropout=condition_dropout,
                                 mask_dropout=condition_dropout,
+                                dropped_text="no_tokens" if clip is None else "empty_prompt",
                                 vae_scale=cache.items[0]["bucket"][0] // cache.items[0]["latent_shape"][-1])
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, warmup=warmup,
                            schedule=schedule, precision=PRECISION[precision], caption_dropout=condition_dropout,

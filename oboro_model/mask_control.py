@@ -37,7 +37,10 @@ mask's outline (runner/mask_eval.py, README).
 `strength` s scales the attention weight every query gives mask keys (logit bias log s): 1 = as
 trained, 0 = mask off, > 1 amplifies. Condition dropout (cfg.text_dropout, cfg.mask_dropout:
 p = 0.1 each, independent; drawn by the training engine, TrainConfig caption_dropout and
-mask_dropout) drops a sample's text (the empty prompt) or mask (mask_keep False: keys -> -inf).
+mask_dropout) drops a sample's text or mask (mask_keep False: keys -> -inf). A dropped text is no
+text tokens by default (cfg.dropped_text "no_tokens"; the engine without empty_text), and then an
+empty prompt at sampling (T5(""), EOS alone) is read as no tokens too, so ComfyUI's empty prompt
+reaches the trained mask-only path; "empty_prompt" adapters were trained on T5("") as given.
 """
 from __future__ import annotations
 
@@ -62,6 +65,15 @@ log = logging.getLogger(__name__)
 META_KEY, BASE_CONFIG_KEY, FORMAT_KEY = "oboro_mask_adapter", "oboro_base_config", "oboro_mask_adapter_format"
 SHAPE_FIELDS = ("hidden_size", "depth", "heads", "patch_size", "mlp_hidden")
 TARGETS = ("qkv", "out", "w1", "w2", "w3")
+# What text-dropout training fed the adapter for "no text", hence what an empty prompt becomes:
+DROPPED_TEXT = {
+    # no text tokens at all (the static path is [BOS; mask]); at sampling, a row whose text has at
+    # most one valid token, i.e. T5("") = EOS alone (T5 ends every prompt with EOS), is read as
+    # that. On the demo it is what made mask-only follow the mask (README, mask evaluation).
+    "no_tokens",
+    # the encoded empty prompt T5(""), used as given.
+    "empty_prompt",
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ class MaskAdapterConfig:
     decoupled: bool = True
     static_t: Optional[float] = None  # None: unmodulated static path; a t: base modulation at that t
     image_rank: int = 0               # > 0: LoRA of that rank on the image tokens' linears too
+    dropped_text: str = "no_tokens"   # what a dropped text was in training: see DROPPED_TEXT
 
     def __post_init__(self):
         if self.num_labels < 2 or self.rank < 1 or self.vae_scale < 1 or self.image_rank < 0:
@@ -86,6 +99,8 @@ class MaskAdapterConfig:
         for p in (self.text_dropout, self.mask_dropout):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"dropout probabilities must be in [0, 1), got {p}")
+        if self.dropped_text not in DROPPED_TEXT:
+            raise ValueError(f"dropped_text must be one of {sorted(DROPPED_TEXT)}, got {self.dropped_text!r}")
         if self.static_t is not None and not 0.0 <= self.static_t <= 1.0:
             raise ValueError(f"static_t must be None or in [0, 1], got {self.static_t}")
 
@@ -101,7 +116,7 @@ class MaskAdapterConfig:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown MaskAdapterConfig fields: {unknown}")
-        return cls(**d)
+        return cls(**{"dropped_text": "empty_prompt", **d})  # files from before the field: as they were trained
 
 
 # --- label maps ---
@@ -192,6 +207,17 @@ class StaticCache:
     batch: int
     size: Optional[tuple]
     strength: float
+
+
+def empty_prompts_dropped(text: torch.Tensor, text_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """text_mask with every row of at most one valid token (T5's empty prompt, EOS alone) masked
+    out entirely, so such a row attends to no text, as a "no_tokens" adapter was trained."""
+    valid = text_mask.bool() if text_mask is not None else torch.ones(text.shape[:2], dtype=torch.bool,
+                                                                       device=text.device)
+    empty = valid.sum(-1) <= 1
+    if not bool(empty.any()):
+        return text_mask
+    return valid & ~empty[:, None].to(valid.device)
 
 
 class MaskControlDiT(nn.Module):
@@ -288,6 +314,8 @@ class MaskControlDiT(nn.Module):
         text = text.expand(B, -1, -1) if text.shape[0] == 1 else text
         if text_mask is not None and text_mask.shape[0] == 1:
             text_mask = text_mask.expand(B, -1)
+        if self.cfg.dropped_text == "no_tokens":
+            text_mask = empty_prompts_dropped(text, text_mask)
         txt = self.base.text_embedder(text.to(dtype))
         bos = self.base.bos_token.to(device=txt.device, dtype=dtype).expand(B, 1, -1)
         return torch.cat([bos, txt], dim=1), text_mask

@@ -5,7 +5,7 @@ the tiny demo model draw its shape where a held-out mask says, with and without 
    or an existing demo output folder (`--demo DIR`) to skip those ~2 minutes;
 2. adapter: on the training engine as OboroTrainMaskAdapter trains it (Trainer over MaskedLatents,
    outside ComfyUI): MaskControlDiT (decoupled) over the frozen demo model, text and mask dropout
-   p = 0.1 each (a dropped text is T5(""), the empty prompt the base was trained with), on the
+   p = 0.1 each (a dropped text is no text tokens; `--dropped-text empty_prompt`: T5("")), on the
    demo's latent cache (its 225 training images, 32x32 pixel space, with their cached T5 states)
    and dataset/masks/ (labels 0 bg, 1 circle, 2 square, 3 triangle; nearest-
    resized 64 -> 32 as the node does); `--shift N` rolls each image and its mask together by up to
@@ -16,7 +16,8 @@ the tiny demo model draw its shape where a held-out mask says, with and without 
 3. generate: held-out masks, i.e. the 3 held-out (shape, colour) pairs (never in any training
    image) at 4 shape centres that are none of the demo's 5 positions, drawn at 32x32; each mask
    with its caption ("a green triangle on a black background" + nearest position word) and with
-   the empty prompt T5("") (mask only), `--seeds` seeds each; Euler, 20 steps by default; with text:
+   the empty prompt T5("") (mask only; read as no tokens by a "no_tokens" adapter, as in ComfyUI),
+   `--seeds` seeds each (8; the figure shows 4); Euler, 20 steps by default; with text:
    CFG on the text (negative = empty prompt, same mask: OboroApplyMaskControl's default); mask
    only: `--mask-cfg` guidance against no text and no mask (default 2; 1 = none; in ComfyUI:
    empty positive and negative prompts, mask_on_negative off);
@@ -46,13 +47,14 @@ from PIL import Image, ImageDraw
 from ..oboro_model import demo_data as dd
 from ..oboro_model import load_checkpoint
 from ..oboro_model.data import LatentCache
-from ..oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, MaskedLatents, save_mask_adapter
+from ..oboro_model.mask_control import DROPPED_TEXT, MaskAdapterConfig, MaskControlDiT, MaskedLatents, save_mask_adapter
 from ..oboro_model.training import TrainConfig, Trainer
 from ..samplers.ode import prepare_noise, solve, time_grid
 from . import demo
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 0.85
+SHEET_SEEDS = 4  # seeds per condition drawn in mask_eval.png (all count in the means)
 # shape centres (x, y) as fractions: none is one of the demo's 5 positions
 NEW_CENTRES = ((0.36, 0.36), (0.64, 0.38), (0.38, 0.64), (0.62, 0.62))
 
@@ -72,12 +74,16 @@ def parse_args(argv):
     p.add_argument("--rank", type=int, default=16, help="mask-stream LoRA rank (default %(default)s)")
     p.add_argument("--image-rank", type=int, default=32, help="image-stream LoRA rank (0: image stream frozen; "
                    "default %(default)s)")
+    p.add_argument("--dropped-text", choices=sorted(DROPPED_TEXT), default="no_tokens",
+                   help="what a dropped text is in adapter training: no text tokens (default; then the empty "
+                        "prompt T5(\"\") is read as that at sampling) or T5(\"\") as given")
     p.add_argument("--static-t", type=float, default=None, help="static path modulated at this t (default: none)")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=3.0, help="text guidance (with-text runs)")
     p.add_argument("--mask-cfg", type=float, default=2.0, help="mask-only runs: guidance against no text and no "
                    "mask (1 = none; default %(default)s)")
-    p.add_argument("--seeds", type=int, default=2, help="images per mask and condition")
+    p.add_argument("--seeds", type=int, default=8, help="images per mask and condition (default %(default)s; the "
+                   f"figure shows the first {SHEET_SEEDS})")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: the demo's probe)")
     return p.parse_args(argv)
 
@@ -169,19 +175,20 @@ class ShiftedMasks(MaskedLatents):
 
 def train_adapter(base, cache: LatentCache, mask_root: Path, opts, empty: tuple) -> tuple[MaskControlDiT, list]:
     """On the training engine, as OboroTrainMaskAdapter trains (Trainer over MaskedLatents); a
-    dropped text becomes T5("") (`empty`), the prompt the base was trained and is guided with."""
+    dropped text is no tokens, or T5("") (`empty`) with --dropped-text empty_prompt."""
     size = tuple(cache.items[0]["bucket"])
     masks = [torch.from_numpy(np.asarray(Image.open(mask_root / Path(it["file"]).with_suffix(".png"))
                                          .resize(size, Image.Resampling.NEAREST)).astype(np.int64))
              for it in cache.items]
     cfg = MaskAdapterConfig(num_labels=len(dd.SHAPES) + 1, rank=opts.rank, vae_scale=1, image_rank=opts.image_rank,
-                            static_t=opts.static_t)
+                            static_t=opts.static_t, dropped_text=opts.dropped_text)
     torch.manual_seed(0)
     mcd = MaskControlDiT(base, cfg)
     tcfg = TrainConfig(steps=opts.adapter_steps, batch_size=opts.batch_size, lr=opts.lr, weight_decay=0.0,
                        warmup=max(1, min(30, opts.adapter_steps // 10)), schedule="cosine",
                        caption_dropout=cfg.text_dropout, mask_dropout=cfg.mask_dropout, seed=0)
-    trainer = Trainer(mcd, ShiftedMasks(cache, masks, opts.shift), tcfg, empty_text=empty[0][0], empty_mask=empty[1][0])
+    empty = (None, None) if cfg.dropped_text == "no_tokens" else (empty[0][0], empty[1][0])
+    trainer = Trainer(mcd, ShiftedMasks(cache, masks, opts.shift), tcfg, empty_text=empty[0], empty_mask=empty[1])
     losses, said = [], [time.monotonic()]
 
     def callback(step, loss, lr, rate):
@@ -245,9 +252,10 @@ def mask_iou(image: Image.Image, target: np.ndarray) -> dict:
 
 
 def sheet(out: Path, cases, images: dict, results: dict, seeds: int, title: list[str]) -> None:
+    shown = min(seeds, SHEET_SEEDS)
     tile, gap, pad, ptxt = 80, 4, 10, 190
     f, small = demo.font(12), demo.font(11)
-    W = max(820, pad + tile + gap + ptxt + 2 * (seeds * (tile + gap) + 12) + pad)
+    W = max(820, pad + tile + gap + ptxt + 2 * (shown * (tile + gap) + 12) + pad)
     head = 18 * len(title) + 20
     H = head + len(cases) * (tile + 18 + gap) + pad
     img = Image.new("RGB", (W, H), "white")
@@ -255,7 +263,7 @@ def sheet(out: Path, cases, images: dict, results: dict, seeds: int, title: list
     for i, line in enumerate(title):
         d.text((pad, pad + 18 * i), line, fill="black" if i == 0 else "dimgray", font=f if i == 0 else small)
     x_text = pad + tile + gap
-    x_cols = {"text": x_text + ptxt, "no_text": x_text + ptxt + seeds * (tile + gap) + 12}
+    x_cols = {"text": x_text + ptxt, "no_text": x_text + ptxt + shown * (tile + gap) + 12}
     y = head - 4
     d.text((pad, y - 12), "mask", fill="navy", font=small)
     d.text((x_text, y - 12), "prompt", fill="navy", font=small)
@@ -272,7 +280,7 @@ def sheet(out: Path, cases, images: dict, results: dict, seeds: int, title: list
                 lines.append(w)
         d.text((x_text, y0 + 4), "\n".join(lines), fill="black", font=small)
         for key, x0 in x_cols.items():
-            for s in range(seeds):
+            for s in range(shown):
                 k = ci * seeds + s
                 img.paste(images[key][k].resize((tile, tile), Image.Resampling.NEAREST), (x0 + s * (tile + gap), y0))
                 iou = results[key][k]["iou"]
@@ -349,7 +357,8 @@ def run(opts) -> int:
              f"mean IoU(generated shape, mask): with text {iou['with_text']:.3f}, mask only {iou['without_text']:.3f} "
              f"(goal {GOAL}; true renders of these masks: {np.mean(refs):.3f}); green >= goal",
              f"sampler: euler {opts.sample_steps} steps, text cfg {opts.cfg}, mask-only cfg {opts.mask_cfg}; "
-             f"seeds 0..{opts.seeds - 1}"]
+             f"seeds 0..{opts.seeds - 1} (means over all; {min(opts.seeds, SHEET_SEEDS)} shown); a dropped "
+             f"text in training: {opts.dropped_text}"]
     sheet(out, cases, images, results, opts.seeds, title)
     seconds["total"] = round(time.monotonic() - t_start, 1)
     k = max(1, min(20, len(losses) // 4))

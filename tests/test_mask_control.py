@@ -3,6 +3,7 @@ condition modes, strength, adapter files, mask resizing and label errors, frozen
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -109,6 +110,35 @@ def test_strength_zero_is_no_mask(decoupled):
     m.strength = -1.0
     with pytest.raises(ValueError, match="strength"):
         m(x, t, text, tm, labels)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_empty_prompt_is_read_as_no_tokens(decoupled):
+    """A "no_tokens" adapter (trained with dropped text = no tokens) reads T5's empty prompt (EOS
+    alone: one valid token) as no text, per row, so ComfyUI's empty prompt reaches the trained
+    mask-only path; an "empty_prompt" adapter uses the encoded empty prompt as given."""
+    m = make(decoupled)
+    assert m.cfg.dropped_text == "no_tokens"
+    x, t, text, tm, labels = inputs()
+    eos = torch.zeros(B, 5, dtype=torch.bool)
+    eos[:, 0] = True  # row = the empty prompt padded to the batch's text length
+    mixed = torch.stack([eos[0], tm[1]])  # row 0 empty, row 1 a real prompt
+    with torch.no_grad():
+        none = m(x, t, text[:, :0], tm[:, :0], labels)
+        assert (m(x, t, text, eos, labels) - none).abs().max().item() <= 1e-5
+        assert (m(x, t, text[:, :1], None, labels) - none).abs().max().item() <= 1e-5  # unmasked, one token
+        both = m(x, t, text, mixed, labels)
+        assert (both[0] - none[0]).abs().max().item() <= 1e-5
+        assert (both[1] - m(x, t, text, tm, labels)[1]).abs().max().item() <= 1e-5
+        m.cfg = dataclasses.replace(m.cfg, dropped_text="empty_prompt")
+        assert (m(x, t, text, eos, labels) - none).abs().max().item() > 1e-3
+
+
+def test_adapter_config_dropped_text():
+    assert MaskAdapterConfig.from_dict({"num_labels": 3}).dropped_text == "empty_prompt"  # files from before it
+    assert MaskAdapterConfig(num_labels=3).dropped_text == "no_tokens"
+    with pytest.raises(ValueError, match="dropped_text must be one of.*'nothing'"):
+        MaskAdapterConfig(num_labels=3, dropped_text="nothing")
 
 
 def test_adapter_save_load_round_trip(tmp_path):

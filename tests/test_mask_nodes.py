@@ -199,6 +199,40 @@ def test_mask_off_on_the_negative_prompt(comfy, models, adapter):
     assert ctl.keep(2, {"cond_or_uncond": [0]}) is None
 
 
+@pytest.mark.parametrize("dropped_text", ["no_tokens", "empty_prompt"])
+def test_empty_prompts_are_mask_only_as_trained(comfy, models, adapter_dir, dropped_text):
+    """Guided mask-only in ComfyUI (empty positive and negative prompts, mask_on_negative off): a
+    "no_tokens" adapter reads ComfyUI's empty prompt T5("") as no text tokens, == the pure sampler
+    with zero-length text (mask on the positive only); an "empty_prompt" one does not."""
+    import folder_paths
+    src = load_mask_adapter(adapter_dir / ADAPTER, tiny_dit())
+    variant = MaskControlDiT(tiny_dit(), dataclasses.replace(src.cfg, dropped_text=dropped_text))
+    variant.load_adapter_state_dict(src.adapter_state_dict(), "test")
+    name = f"mask_tiny_{dropped_text}.safetensors"
+    save_mask_adapter(adapter_dir / name, variant)
+    g = graph(mask_on_negative=False)
+    g["ad"]["inputs"]["adapter_name"] = name
+    g["pos"]["inputs"]["text"] = g["neg"]["inputs"]["text"] = ""
+    g["ob"] = sampler("oboro", "mc", steps=3, cfg=2.0, seed=5)
+    ob, = run_latents(comfy, g, "ob")
+    base = tiny_dit()
+    base.load_state_dict(models.state_dict())
+    mcd = load_mask_adapter(folder_paths.get_full_path("oboro_mask_adapters", name), base)
+    none = (torch.zeros(1, 0, base.config.text_dim), torch.zeros(1, 0, dtype=torch.bool))
+    with torch.no_grad():
+        def model(x, t, text, text_mask):  # positive: mask; negative: no mask (told apart by identity)
+            return mcd(x, t, text, text_mask, mask_labels=square_labels() if text is pos[0] else None)
+        pos, neg = none, (none[0].clone(), none[1].clone())
+        velocity = lambda x, t: cfg_velocity(model, x, t, pos, neg, 2.0, batched=False)  # noqa: E731
+        pure = solve(velocity, prepare_noise(torch.zeros(1, 16, 8, 8), 5), time_grid(3), "euler", open_end=True)
+    pure = nodes()["OboroModelLoader"].execute(DIT, "fp32")[0].model.process_latent_out(pure)
+    print(dropped_text, "ComfyUI empty prompts vs pure no tokens", max_diff(ob, pure))
+    if dropped_text == "no_tokens":
+        assert max_diff(ob, pure) <= 1e-5
+    else:
+        assert max_diff(ob, pure) > 1e-3
+
+
 def test_cache_lifetime_and_base_model_untouched(comfy, models):
     from oboro.nodes.mask_control import PATCH
     n = nodes()
@@ -330,6 +364,7 @@ def test_train_mask_adapter_writes_a_loadable_adapter(comfy, models, adapter_dir
     assert mcd.cfg.num_labels == 4 and mcd.cfg.rank == 4 and mcd.cfg.vae_scale == 8
     assert mcd.adapters[0]["qkv"].up.abs().max() > 0  # trained (starts at 0)
     assert mcd.cfg.image_rank == 2 and mcd.image_adapters[0]["w2"].up.abs().max() > 0
+    assert mcd.cfg.dropped_text == "empty_prompt"  # the T5 was connected: a dropped text was T5("")
     assert nodes()["OboroMaskAdapterLoader"].execute("trained_mask.safetensors")[0].cfg.to_json() == mcd.cfg.to_json()
 
     # on the training engine: 2 steps, then resume_from 'latest' up to 3 == the straight 3-step run
@@ -347,8 +382,10 @@ def test_train_mask_adapter_writes_a_loadable_adapter(comfy, models, adapter_dir
     # with the T5 connected a dropped text is T5(""), without it no tokens: other training
     del train["train"]["inputs"]["clip"]
     train["train"]["inputs"].update(output_name="no_clip")
-    no_clip = load_file(json.loads(comfy.run(train)["outputs"]["train"]["text"][0])["path"])
+    no_clip_path = json.loads(comfy.run(train)["outputs"]["train"]["text"][0])["path"]
+    no_clip = load_file(no_clip_path)
     assert not all(torch.equal(straight[k], no_clip[k]) for k in straight)
+    assert load_mask_adapter(no_clip_path, tiny_dit()).cfg.dropped_text == "no_tokens"
 
 
 def test_mask_label_alignment_replays_the_cache_crop(tmp_path):
