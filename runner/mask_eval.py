@@ -47,7 +47,8 @@ from PIL import Image, ImageDraw
 from ..oboro_model import demo_data as dd
 from ..oboro_model import load_checkpoint
 from ..oboro_model.data import LatentCache
-from ..oboro_model.mask_control import DROPPED_TEXT, MaskAdapterConfig, MaskControlDiT, MaskedLatents, save_mask_adapter
+from ..oboro_model.mask_control import (DROPPED_TEXT, MaskAdapterConfig, MaskControlDiT, MaskedLatents,
+                                        save_mask_adapter)
 from ..oboro_model.training import TrainConfig, Trainer
 from ..samplers.ode import prepare_noise, solve, time_grid
 from . import demo
