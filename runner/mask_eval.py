@@ -10,9 +10,9 @@ the tiny demo model draw its shape where a held-out mask says, with and without 
    and dataset/masks/ (labels 0 bg, 1 circle, 2 square, 3 triangle; nearest-
    resized 64 -> 32 as the node does); `--shift N` rolls each image and its mask together by up to
    N px (the demo has 5 positions only); `--image-rank` adds the image-stream LoRA; saved with
-   save_mask_adapter to <out>/mask_adapter.safetensors. Defaults (5000 steps, batch 32, lr 4e-3
+   save_mask_adapter to <out>/mask_adapter.safetensors. Defaults (3000 steps, batch 32, lr 4e-3
    warm-up + cosine, mask rank 16, image rank 32, shift 6) are what met the goal here (README);
-   ~37 min on one CPU core (3000 steps also met the goal, more narrowly: README);
+   ~26 min on one CPU core;
 3. generate: held-out masks, i.e. the 3 held-out (shape, colour) pairs (never in any training
    image) at 4 shape centres that are none of the demo's 5 positions, drawn at 32x32; each mask
    with its caption ("a green triangle on a black background" + nearest position word) and with
@@ -67,7 +67,7 @@ def parse_args(argv):
     p.add_argument("--demo", default="", help="an existing oboro-demo output folder to reuse (else one is made "
                    "in <out>/demo)")
     p.add_argument("--steps", type=int, default=800, help="demo base-model training steps, when no --demo")
-    p.add_argument("--adapter-steps", type=int, default=5000, help="mask adapter training steps (default %(default)s)")
+    p.add_argument("--adapter-steps", type=int, default=3000, help="mask adapter training steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shift", type=int, default=6, help="adapter training: random shifts of image + mask by up to "
                    "this many pixels, keeping the shape inside (the demo has 5 positions only)")
