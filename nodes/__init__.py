@@ -6,7 +6,8 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .loader import OboroModelLoader
-from .mask_control import OboroApplyMaskControl, OboroMaskAdapterLoader, OboroTrainMaskAdapter
+from .mask_control import OboroApplyMaskControl, OboroMaskAdapterLoader
+from .mask_training import OboroTrainMaskAdapter
 from .sampling import EmptyOboroLatentImage, OboroFlowScheduler, OboroSampler, SamplerOboroICFM
 from .text_encoder import OboroT5Loader, OboroTextEncode
 from .training import OboroTrainFull, OboroTrainLoRA

@@ -15,50 +15,27 @@ ComfyUI puts in transformer_options (one per cond/uncond chunk, batched or not),
 size, dtype and device; a hit also needs the context and attention mask equal to the entry's.
 mask_on_negative=False: the chunks ComfyUI marks uncond (transformer_options["cond_or_uncond"])
 run with the mask dropped (mask_keep False), so CFG guides towards the mask as well.
-
-OboroTrainMaskAdapter masks: mask_dir/<image path relative to the dataset folder, suffix .png>,
-the size of its image. Mode P / L / I: pixel value = label (0 background, 1.. regions; what
-oboro_model/demo_data.py writes). RGB(A): colour i of `palette` = label i. The latent cache's
-crop/resize of the image (policy, crop, seed, epoch 0) is replayed on the mask (nearest). Training
-runs on the engine (oboro_model/training: BucketTrainer over MaskedLatents), so it has the LoRA
-nodes' spike guard, schedules, resumable states (output/oboro_training/<output_name>_mask) and
-interrupt; text and mask dropout are independent per sample (p = condition_dropout each). A dropped
-text is no tokens (the adapter records dropped_text "no_tokens", so OboroApplyMaskControl reads an
-empty prompt the same way); with `clip` connected it is T5("") ("empty_prompt").
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
-import random
 import re
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 import comfy.ldm.common_dit
-import comfy.model_management as mm
 import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
 from ..oboro_model import MMHDiT
-from ..oboro_model.data import LatentCache, crop_box
-from ..oboro_model.mask_control import (SHAPE_FIELDS, MaskAdapterConfig, MaskControlDiT, MaskedLatents,
-                                        palette_to_labels, read_mask_adapter, region_mask_to_labels,
-                                        save_mask_adapter)
-from ..oboro_model.training import TrainConfig, list_checkpoints
-from ..oboro_model.training.optim import SCHEDULES
-from .training import PRECISION, STATE_ROOT, _inside, _plain_weights, drive
-from .training_preview import BucketTrainer, encode_plain, load_history, loss_curve_image, resume_file
+from ..oboro_model.mask_control import (SHAPE_FIELDS, MaskAdapterConfig, MaskControlDiT, palette_to_labels, read_mask_adapter, region_mask_to_labels)
 
 log = logging.getLogger("oboro")
 FOLDER, PATCH, KEY, MAX_ENTRIES = "oboro_mask_adapters", "diffusion_model.forward", "oboro_mask_control", 8
@@ -260,129 +237,4 @@ class OboroApplyMaskControl(io.ComfyNode):
         return io.NodeOutput(mask_controlled(model, adapter.build(dm, strength), labels.cpu(), mask_on_negative))
 
 
-def load_label_mask(path: Path, item: dict, settings: dict, palette) -> torch.Tensor:
-    """A training mask, cropped and resized (nearest) like the cache item's image -> [h, w] long."""
-    img = Image.open(path)
-    if img.mode in ("P", "L", "I", "I;16"):
-        arr = np.asarray(img).astype(np.int64)
-    elif palette is None:
-        raise ValueError(f"{path}: an {img.mode} mask needs the palette input (or save label PNGs, mode P or L)")
-    else:
-        arr = palette_to_labels(np.asarray(img.convert("RGB")), palette).numpy()
-    lab = Image.fromarray(arr.astype(np.int32), "I")
-    bucket = tuple(item["bucket"])
-    rng = random.Random(f"{settings.get('seed', 0)}/0/{item['file']}")  # the dataset's crop draw, epoch 0
-    box = crop_box(lab.size, bucket, settings.get("crop", "center"), rng)
-    lab = lab.resize(bucket, Image.Resampling.NEAREST, box=box)
-    return torch.from_numpy(np.asarray(lab).astype(np.int64))
-
-
-class OboroTrainMaskAdapter(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="OboroTrainMaskAdapter", display_name="oboro Train Mask Adapter", category="oboro/mask",
-            description="Trains a mask adapter (mask embedder + LoRAs of the mask stream and, with image_rank > 0, "
-                        "the image stream) on a frozen oboro model from a latent cache plus per-image label masks, "
-                        "with condition dropout per modality, on the training engine (resumable). "
-                        "Saves models/oboro_mask_adapters/<output_name>.safetensors.",
-            inputs=[
-                io.Model.Input("model", tooltip="From OboroModelLoader; its patches (e.g. LoRAs) are merged in."),
-                io.String.Input("cache_dir", default="", tooltip="Connect OboroCacheLatents' cache_dir."),
-                io.String.Input("mask_dir", default="", tooltip="Label masks: <mask_dir>/<image path>.png (see docs)."),
-                io.String.Input("output_name", default="oboro_mask_adapter"),
-                io.Int.Input("steps", default=2000, min=1, max=10_000_000),
-                io.Int.Input("batch_size", default=4, min=1, max=4096),
-                io.Float.Input("lr", default=1e-4, min=1e-8, max=1.0, step=1e-6, tooltip="AdamW, clip 1.0."),
-                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank of the mask stream."),
-                io.Int.Input("image_rank", default=IMAGE_RANK, min=0, max=256,
-                             tooltip="LoRA rank on the image stream too (0: image stream frozen). A base never "
-                                     "trained on layouts follows masks far better with it; see README."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False),
-                io.Int.Input("num_labels", default=0, min=0, max=256,
-                             tooltip="0: automatic, max(palette length, largest label found + 1)."),
-                io.Float.Input("condition_dropout", default=0.1, min=0.0, max=0.9, step=0.01,
-                               tooltip="Per sample, drop the text and (independently) the mask with this p."),
-                io.Combo.Input("precision", options=["fp32", "bf16"], default="bf16", tooltip="Autocast dtype."),
-                io.String.Input("palette", default="", optional=True, tooltip="Only for RGB masks: '#000000,...'."),
-                io.Int.Input("warmup", default=0, min=0, max=1_000_000, optional=True, tooltip="Linear LR warm-up steps."),
-                io.Combo.Input("schedule", options=list(SCHEDULES), default="constant", optional=True),
-                io.Int.Input("checkpoint_every", default=0, min=0, max=10_000_000, optional=True,
-                             tooltip="Save a resumable training state every N steps (0: at the end and on interrupt)."),
-                io.String.Input("resume_from", default="", optional=True,
-                                tooltip="'latest' continues this output_name's last state (after an interrupt too)."),
-                io.Clip.Input("clip", optional=True, tooltip="Leave unconnected (recommended): a dropped text is no "
-                              "tokens, and an empty prompt is read so when sampling. Connected (T5): a dropped "
-                              "text is T5(\"\") as encoded; on the demo mask-only followed masks worse so."),
-            ],
-            outputs=[io.String.Output("path", display_name="path"),
-                     io.Image.Output("loss_curve", display_name="loss_curve"),
-                     MaskAdapterIO.Output("adapter", display_name="adapter")],
-            is_output_node=True)
-
-    @classmethod
-    def execute(cls, model, cache_dir, mask_dir, output_name, steps, batch_size, lr, rank, image_rank, seed, num_labels,
-                condition_dropout: float, precision, palette="", warmup=0, schedule="constant", checkpoint_every=0,
-                resume_from="", clip=None) -> io.NodeOutput:
-        node, t0 = "OboroTrainMaskAdapter", time.time()
-        dm = _oboro_dm(model, node)
-        stem = output_name.strip().removesuffix(".safetensors")
-        target = _inside(folder_paths.get_folder_paths(FOLDER)[0], stem + ".safetensors")
-        state_dir = _inside(Path(folder_paths.get_output_directory()) / STATE_ROOT, stem + "_mask")
-        resume = resume_file(resume_from, state_dir)
-        if resume is None and list_checkpoints(state_dir):
-            raise ValueError(f"{node}: {state_dir} already holds training states of an earlier run; set resume_from "
-                             "to 'latest' to continue it, or pick another output_name (or delete that folder)")
-        cache, root = LatentCache(cache_dir, transform=model.model.latent_format.process_in), Path(mask_dir or "")
-        pal = parse_palette(palette) if (palette or "").strip() else None
-        if len(cache) == 0 or not root.is_dir():
-            raise ValueError(f"{node}: need a non-empty latent cache ({len(cache)} items in {cache_dir}) and a mask "
-                             f"folder (mask_dir {mask_dir!r})")
-        paths = [next((c for c in (root / it["file"], (root / it["file"]).with_suffix(".png")) if c.is_file()), None)
-                 for it in cache.items]
-        if missing := [it["file"] for it, p in zip(cache.items, paths) if p is None]:
-            raise ValueError(f"{node}: {len(missing)} of {len(cache)} images have no mask in {root}: {missing[:5]}")
-        with torch.inference_mode(False):
-            masks = [load_label_mask(p, it, cache.settings, pal) for p, it in zip(paths, cache.items)]
-        top = max(int(m.max()) for m in masks)
-        K = num_labels or max(len(pal) if pal else 0, top + 1, 2)
-        if top >= K:
-            raise ValueError(f"{node}: the masks hold label {top} but num_labels is {K}")
-        cfg = MaskAdapterConfig(num_labels=K, rank=rank, image_rank=image_rank, text_dropout=condition_dropout,
-                                mask_dropout=condition_dropout,
-                                dropped_text="no_tokens" if clip is None else "empty_prompt",
-                                vae_scale=cache.items[0]["bucket"][0] // cache.items[0]["latent_shape"][-1])
-        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, warmup=warmup,
-                           schedule=schedule, precision=PRECISION[precision], caption_dropout=condition_dropout,
-                           mask_dropout=condition_dropout, seed=seed, checkpoint_every=checkpoint_every,
-                           output_dir=str(state_dir))
-        empty = encode_plain(clip, "", int(cache.settings.get("max_tokens", 256))) if clip is not None else (None, None)
-        device = mm.get_torch_device()
-        weights = _plain_weights(model, device)
-        mm.unload_all_models()
-        with torch.inference_mode(False), torch.enable_grad():
-            with torch.device("meta"):
-                net = MMHDiT(dm.config)
-            net.load_state_dict({k: weights.pop(k) for k in net.state_dict()}, strict=True, assign=True)
-            with torch.random.fork_rng(devices=[]):  # the adapter's init follows `seed` too
-                torch.manual_seed(seed)
-                mcd = MaskControlDiT(net, cfg)  # the base is frozen: only the adapter trains
-            trainer = BucketTrainer(mcd, MaskedLatents(cache, masks), tcfg, empty_text=empty[0], empty_mask=empty[1])
-            if resume is not None:
-                trainer.resume(resume)
-            history = load_history(resume, trainer.step)
-            drive(trainer, node, stem, steps, state_dir, history, checkpoint_every)
-            save_mask_adapter(target, mcd)
-            step = trainer.step
-            mcd = net = trainer = None
-        gc.collect()
-        mm.soft_empty_cache()
-        summary = json.dumps({"path": str(target), "steps": step, "items": len(cache), "num_labels": K,
-                              "final_loss": history["loss"][-1] if history["loss"] else None,
-                              "state_dir": str(state_dir), "seconds": round(time.time() - t0, 1)}, indent=1)
-        log.info("%s: saved %s", node, target)
-        return io.NodeOutput(str(target), loss_curve_image(history, f"{node}: {stem}"), MaskAdapter.read(target),
-                             ui={"text": (summary,)})
-
-
-NODES = [OboroMaskAdapterLoader, OboroApplyMaskControl, OboroTrainMaskAdapter]
+NODES = [OboroMaskAdapterLoader, OboroApplyMaskControl]

@@ -389,7 +389,7 @@ def test_train_mask_adapter_writes_a_loadable_adapter(comfy, models, adapter_dir
 
 
 def test_mask_label_alignment_replays_the_cache_crop(tmp_path):
-    from oboro.nodes.mask_control import load_label_mask
+    from oboro.nodes.mask_training import load_label_mask
     from oboro.oboro_model.data import crop_box
     import random
     lab = np.arange(40 * 30, dtype=np.uint8).reshape(30, 40) % 7
