@@ -7,6 +7,7 @@ t=1 for data and predicts u = x1 - x0. With x = sigma*x0 + (1-sigma)*x1 these ag
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -17,6 +18,7 @@ import comfy.ldm.common_dit
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
 from comfy.ldm.modules.attention import optimized_attention
@@ -36,14 +38,32 @@ WEIGHT_DTYPES = {
 }
 
 
-def comfy_attention(q, k, v, mask=None):
-    """Our attention contract on top of whatever kernel ComfyUI picked (sdpa, xformers, sage...)."""
-    return optimized_attention(q, k, v, q.shape[1], mask=mask, skip_reshape=True)
+def comfy_attention(q, k, v, mask=None, transformer_options=None):
+    """Our attention contract on top of whatever kernel ComfyUI picked (sdpa, xformers, sage...);
+    transformer_options reach it so attention overrides of other packs apply."""
+    return optimized_attention(q, k, v, q.shape[1], mask=mask, skip_reshape=True,
+                               transformer_options=transformer_options if transformer_options is not None else {})
+
+
+# A model patch (ModelPatcher.set_model_patch(fn, VELOCITY_PATCH)) that computes the velocity in
+# oboro's convention instead of MMHDiT.forward: fn(diffusion_model, x, t, text, text_mask,
+# transformer_options) -> u. Mask control is one; it still runs inside the wrapper executor.
+VELOCITY_PATCH = "oboro_velocity"
 
 
 class OboroComfyDiT(MMHDiT):
     """Built by BaseModel as `unet_model(**unet_config, device, operations)`; same state-dict keys
-    as MMHDiT, so LoRA key mapping and our checkpoints need no translation."""
+    as MMHDiT, so LoRA key mapping and our checkpoints need no translation.
+
+    Plays by ComfyUI's DiT conventions (comfy/ldm/flux/model.py): forward runs through the
+    DIFFUSION_MODEL wrapper executor (EasyCache and other packs' wrappers), transformer_options
+    reach attention, and each block sets block_index / total_blocks / block_type ("double") and
+    honours patches_replace["dit"][("double_block", i)] (SkipLayerGuidanceDiT and others). A
+    block patch receives args {"txt", "img", "vec", "pe", "attn_mask", "transformer_options"}:
+    txt the [BOS; text] tokens (none under cached mask control, whose static stream is not patched), img the image tokens (followed
+    by mask tokens under holistic mask control), vec the timestep embedding (None on an
+    unmodulated stream), pe the block's RoPE table, attn_mask the additive key mask or None; and
+    extra {"original_block": f}, f(args) -> {"txt", "img"}. It returns {"txt", "img"}."""
 
     def __init__(self, oboro_config: dict, image_model=None, device=None, dtype=None, operations=None):
         super().__init__(OboroConfig.from_dict(oboro_config), operations=operations or torch.nn,
@@ -51,11 +71,43 @@ class OboroComfyDiT(MMHDiT):
         self.dtype = dtype
 
     def forward(self, x, timesteps, context, attention_mask=None, transformer_options={}, **kwargs):
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._forward, self,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                     transformer_options),
+        ).execute(x, timesteps, context, attention_mask, transformer_options, **kwargs)
+
+    def _forward(self, x, timesteps, context, attention_mask=None, transformer_options={}, **kwargs):
         h, w = x.shape[-2:]
         p = self.config.patch_size
         x = comfy.ldm.common_dit.pad_to_patch_size(x, (p, p))
-        u = super().forward(x, 1.0 - timesteps, context, attention_mask)
+        velocity = transformer_options.get("patches", {}).get(VELOCITY_PATCH)
+        if velocity:
+            u = velocity[-1](self, x, 1.0 - timesteps, context, attention_mask, transformer_options)
+        else:
+            u = MMHDiT.forward(self, x, 1.0 - timesteps, context, attention_mask, options=transformer_options)
         return -u[..., :h, :w]
+
+    def attention_for(self, options):
+        return functools.partial(comfy_attention, transformer_options=options)
+
+    def run_block(self, i, x, c, mask, freqs, attention, n_txt, options, **kw):
+        to = options if options is not None else {}
+        to["block_index"], to["total_blocks"], to["block_type"] = i, len(self.blocks), "double"
+        replace = to.get("patches_replace", {}).get("dit", {}).get(("double_block", i))
+        if replace is None:
+            return super().run_block(i, x, c, mask, freqs, attention, n_txt, to, **kw)
+
+        def original_block(args):
+            n = args["txt"].shape[1]
+            out = super(OboroComfyDiT, self).run_block(
+                i, torch.cat([args["txt"], args["img"]], dim=1), args["vec"], args.get("attn_mask"), args["pe"],
+                self.attention_for(args.get("transformer_options", to)), n, to, **kw)
+            return {"txt": out[:, :n], "img": out[:, n:]}
+
+        out = replace({"txt": x[:, :n_txt], "img": x[:, n_txt:], "vec": c, "pe": freqs, "attn_mask": mask,
+                       "transformer_options": to}, {"original_block": original_block})
+        return torch.cat([out["txt"], out["img"]], dim=1)
 
 
 class OboroBaseModel(comfy.model_base.BaseModel):

@@ -4,10 +4,12 @@ Adapter files: models/oboro_mask_adapters/ (folder kind "oboro_mask_adapters", r
 extra_model_paths.yaml may add paths under that name). Not models/loras: an adapter is no LoRA of
 the base weights, and LoRA loaders listing it would fail to apply it.
 
-OboroApplyMaskControl clones the ModelPatcher and installs
-  * an object patch on "diffusion_model.forward": MaskControlDiT logic run over ComfyUI's own
-    diffusion model (its comfy.ops layers, LoRA patches, casts), with nodes/comfy_model.py's sign
-    convention t = 1 - sigma, v = -u; the adapter weights follow the input's device;
+OboroApplyMaskControl clones the ModelPatcher and adds, the way core patches are added,
+  * a model patch (VELOCITY_PATCH, nodes/comfy_model.py): the diffusion model's forward, inside the
+    DIFFUSION_MODEL wrapper executor (so EasyCache and other wrappers see it), hands it oboro's t
+    and gets u (the sign mapping stays in comfy_model.py); it runs MaskControlDiT over ComfyUI's
+    own diffusion model (its comfy.ops layers, LoRA patches, casts, block patches on the image
+    stream); the adapter weights follow the input's device;
   * an OUTER_SAMPLE wrapper: when a sampling run (KSampler, OboroSampler, SamplerCustomAdvanced)
     ends, the static K/V cache is dropped and the adapter weights go back to the offload device.
 The cache lives on the MaskController the patch closes over. An entry is keyed by the cond uuids
@@ -35,10 +37,12 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..oboro_model import MMHDiT
-from ..oboro_model.mask_control import (SHAPE_FIELDS, MaskAdapterConfig, MaskControlDiT, palette_to_labels, read_mask_adapter, region_mask_to_labels)
+from ..oboro_model.mask_control import (SHAPE_FIELDS, MaskAdapterConfig, MaskControlDiT, palette_to_labels,
+                                        read_mask_adapter, region_mask_to_labels)
+from .comfy_model import VELOCITY_PATCH
 
 log = logging.getLogger("oboro")
-FOLDER, PATCH, KEY, MAX_ENTRIES = "oboro_mask_adapters", "diffusion_model.forward", "oboro_mask_control", 8
+FOLDER, KEY, MAX_ENTRIES = "oboro_mask_adapters", "oboro_mask_control", 8
 DEFAULT_PALETTE = "#000000,#ffffff"
 IMAGE_RANK = 16  # default image-stream LoRA rank: see the mask-eval figures in README
 MaskAdapterIO = io.Custom("OBORO_MASK_ADAPTER")
@@ -83,15 +87,12 @@ def _same(a, b) -> bool:
 
 
 class MaskController:
-    """The patched forward and its per-run static K/V cache (see the module docstring)."""
+    """The velocity patch's state: the adapter model and the per-run static K/V cache."""
 
     def __init__(self, mcd: MaskControlDiT, labels: torch.Tensor, offload_device, mask_on_negative: bool = True):
         self.mcd, self.labels, self.offload_device = mcd, labels, offload_device
         self.mask_on_negative = mask_on_negative
         self.cache, self.hits, self.misses = OrderedDict(), 0, 0
-
-    def __deepcopy__(self, memo):  # model_options get deep-copied; never copy the model with them
-        return self
 
     def _to(self, device) -> None:
         if self.mcd.mask_embedder.weight.device != torch.device(device):
@@ -115,9 +116,8 @@ class MaskController:
             return None
         return torch.tensor([c != 1 for c in cou]).repeat_interleave(B // len(cou))
 
-    def static(self, x, context, attention_mask, transformer_options):
+    def static(self, x, context, attention_mask, keep, transformer_options):
         B, _, H, W = x.shape
-        keep = self.keep(B, transformer_options)
         key = (tuple(map(str, transformer_options.get("uuids") or ())), B, H, W, x.dtype, x.device,
                None if keep is None else tuple(keep.tolist()))
         hit = self.cache.get(key)
@@ -127,29 +127,30 @@ class MaskController:
             return hit[2]
         self.misses += 1
         sc = self.mcd.precompute_static(context, attention_mask, self.labels_for(B), B, (H, W), dtype=x.dtype,
-                                        mask_keep=None if keep is None else keep.to(x.device))
+                                        mask_keep=keep, options=transformer_options)
         self.cache[key] = (context, attention_mask, sc)
         while len(self.cache) > MAX_ENTRIES:
             self.cache.popitem(last=False)
         return sc
 
-    def __call__(self, x, timesteps, context, attention_mask=None, transformer_options={}, **kwargs):
+    def velocity(self, x, t, context, attention_mask, transformer_options):
+        """The VELOCITY_PATCH contract (nodes/comfy_model.py): oboro's t and u, x padded to the patch."""
         self._to(x.device)
-        h, w, p = *x.shape[-2:], self.mcd.base.config.patch_size
-        x = comfy.ldm.common_dit.pad_to_patch_size(x, (p, p))
-        sc = self.static(x, context, attention_mask, transformer_options) if self.mcd.decoupled else None
-        keep = None if sc is not None else self.keep(x.shape[0], transformer_options)
-        u = self.mcd(x, 1.0 - timesteps, context, attention_mask, self.labels_for(x.shape[0]), static_cache=sc,
-                     mask_keep=None if keep is None else keep.to(x.device))
-        return -u[..., :h, :w]
+        keep = self.keep(x.shape[0], transformer_options)
+        keep = None if keep is None else keep.to(x.device)
+        sc = self.static(x, context, attention_mask, keep, transformer_options) if self.mcd.decoupled else None
+        return self.mcd(x, t, context, attention_mask, self.labels_for(x.shape[0]), static_cache=sc,
+                        mask_keep=None if sc is not None else keep, options=transformer_options)
 
 
 def mask_controlled(model, mcd: MaskControlDiT, labels: torch.Tensor, mask_on_negative: bool = True):
-    """A clone of the ModelPatcher `model` that runs `mcd` with these labels (see the docstring)."""
+    """A clone of the ModelPatcher `model` with mask control as a model patch (see the docstring)."""
     ctl = MaskController(mcd, labels, model.offload_device, mask_on_negative)
 
-    def forward(*args, **kwargs):
-        return ctl(*args, **kwargs)
+    # Plain functions, not bound methods: ModelPatcher.clone deep-copies model_options, and
+    # deepcopy keeps functions as they are (a bound method would copy the controller and its model).
+    def velocity(dm, x, t, context, attention_mask, transformer_options):
+        return ctl.velocity(x, t, context, attention_mask, transformer_options)
 
     def outer_sample(executor, *args, **kwargs):
         ctl.cache.clear()
@@ -158,12 +159,17 @@ def mask_controlled(model, mcd: MaskControlDiT, labels: torch.Tensor, mask_on_ne
         finally:
             ctl.end_run()
 
-    forward.controller = ctl
+    velocity.controller = ctl
     m = model.clone()
-    m.add_object_patch(PATCH, forward)
-    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY)
+    m.set_model_patch(velocity, VELOCITY_PATCH)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, outer_sample)
     return m
+
+
+def mask_controller(model) -> MaskController | None:
+    """The controller of a MODEL's mask control, if it has one."""
+    patches = model.model_options.get("transformer_options", {}).get("patches", {}).get(VELOCITY_PATCH, [])
+    return getattr(patches[-1], "controller", None) if patches else None
 
 
 def _oboro_dm(model, node: str) -> MMHDiT:
@@ -221,9 +227,9 @@ class OboroApplyMaskControl(io.ComfyNode):
         if (mask_image is None) == (mask is None):
             raise ValueError("OboroApplyMaskControl: connect exactly one of mask_image (a colour-coded label map, "
                              f"with palette) or mask (one region); got {'both' if mask is not None else 'neither'}")
-        if PATCH in model.object_patches:
-            raise ValueError("OboroApplyMaskControl: this MODEL already has a mask control (or another patch of "
-                             "diffusion_model.forward); apply it once")
+        if model.model_options.get("transformer_options", {}).get("patches", {}).get(VELOCITY_PATCH):
+            raise ValueError("OboroApplyMaskControl: this MODEL already has a mask control (or another "
+                             f"{VELOCITY_PATCH!r} patch); apply it once")
         if mask_image is not None:
             pal = parse_palette(palette)
             if len(pal) > K:

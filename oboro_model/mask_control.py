@@ -55,11 +55,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .atomic import save_safetensors
-from .model import MMHDiT, modulate
-from .rope import apply_rope, rope_freqs
+from .model import MMHDiT, plain_linear
 
 log = logging.getLogger(__name__)
 META_KEY, BASE_CONFIG_KEY, FORMAT_KEY = "oboro_mask_adapter", "oboro_base_config", "oboro_mask_adapter_format"
@@ -261,54 +259,27 @@ class MaskControlDiT(nn.Module):
             if name != "base":
                 mod.to(device)
 
-    # -- pieces --
-    def _lin(self, i, lin, name, x, n_mask, img):
-        """lin over all tokens; + the mask LoRA on the last n_mask, + the image LoRA (if any) on
-        tokens img = (start, end)."""
-        y = lin(x)
-        a, b = img if self.image_adapters is not None else (0, 0)
+    # -- pieces (the block maths is model.Block's; only the adapters live here) --
+    def _lin(self, i: int, n_mask: int, img: tuple[int, int]):
+        """Block i's LinearFn: the base linear over all tokens, + the mask LoRA on the last n_mask
+        tokens, + the image LoRA (if any) on tokens img = (start, end)."""
+        mask_ad = self.adapters[i]
+        image_ad = self.image_adapters[i] if self.image_adapters is not None else None
+        a, b = img if image_ad is not None else (0, 0)
         if not n_mask and a == b:
-            return y
-        L = x.shape[1]
-        if not n_mask and (a, b) == (0, L):  # the decoupled per-step pathway: image tokens only, no copies
-            d = self.image_adapters[i][name](x)
-            return y + d if torch.is_grad_enabled() else y.add_(d)
-        parts = [y[:, :a], y[:, a:b] + self.image_adapters[i][name](x[:, a:b]) if b > a else y[:, a:b],
-                 y[:, b:L - n_mask]]
-        if n_mask:
-            parts.append(y[:, L - n_mask:] + self.adapters[i][name](x[:, L - n_mask:]))
-        return torch.cat(parts, dim=1)
+            return plain_linear
 
-    def _block(self, i, s, n_mask, mods, bias, freqs, ext=None, kv_only=False, img=(0, 0)):
-        """One base block over s with the last n_mask tokens adapted (and tokens img = (start, end)
-        by the image LoRA). mods: the 4 adaLN chunks or None (unmodulated: scale 0, gate 1); ext:
-        (K, V) prepended to the keys (image pathway)."""
-        blk, ad = self.base.blocks[i], self.adapters[i]
-        at, mlp, (B, L, _) = blk.attn, blk.mlp, s.shape
-        a = blk.attn_norm1(s) if mods is None else modulate(blk.attn_norm1(s), mods[0])
-        q, k, v = self._lin(i, at.qkv, "qkv", a, n_mask, img).view(B, L, 3, at.heads, at.head_dim).unbind(2)
-        q, k = apply_rope(at.q_norm(q), at.k_norm(k), freqs)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if kv_only:
-            return s, (k, v)
-        if n_mask and "out" not in ad:  # last block: mask queries would only feed discarded outputs
-            q, s, n_mask = q[:, :, :-n_mask], s[:, :-n_mask], 0
-        kk, vv = (k, v) if ext is None else (torch.cat([ext[0].to(k), k], 2), torch.cat([ext[1].to(v), v], 2))
-        h = blk.attn_norm2(self._lin(i, at.out, "out", self.base.attention(q, kk, vv, bias), n_mask, img))
-        s = s + (h if mods is None else mods[1].unsqueeze(1).tanh() * h)
-        a = blk.mlp_norm1(s) if mods is None else modulate(blk.mlp_norm1(s), mods[2])
-        g = F.silu(self._lin(i, mlp.w1, "w1", a, n_mask, img)) * self._lin(i, mlp.w3, "w3", a, n_mask, img)
-        h = blk.mlp_norm2(self._lin(i, mlp.w2, "w2", g, n_mask, img))
-        return s + (h if mods is None else mods[3].unsqueeze(1).tanh() * h), (k, v)
-
-    def _run(self, i, *args, **kw):
-        if self.base.gradient_checkpointing and self.training:
-            return checkpoint(self._block, i, *args, use_reentrant=False, **kw)
-        return self._block(i, *args, **kw)
-
-    def _freqs(self, ids):
-        c = self.base.config
-        return {hd: rope_freqs(ids, c.rope_dims(hd), c.rope_theta) for hd in set(c.head_dims)}
+        def lin(name, linear, x):
+            y, L = linear(x), x.shape[1]
+            if not n_mask and (a, b) == (0, L):  # the cached per-step stream: image tokens only, no copies
+                d = image_ad[name](x)
+                return y + d if torch.is_grad_enabled() else y.add_(d)
+            parts = [y[:, :a], y[:, a:b] + image_ad[name](x[:, a:b]) if b > a else y[:, a:b], y[:, b:L - n_mask]]
+            if n_mask:  # the last block has a mask qkv LoRA only: its mask-token outputs are never read
+                parts.append(y[:, L - n_mask:] + mask_ad[name](x[:, L - n_mask:]) if name in mask_ad
+                             else y[:, L - n_mask:])
+            return torch.cat(parts, dim=1)
+        return lin
 
     def _text_tokens(self, text, text_mask, B, dtype):
         text = text.expand(B, -1, -1) if text.shape[0] == 1 else text
@@ -316,9 +287,7 @@ class MaskControlDiT(nn.Module):
             text_mask = text_mask.expand(B, -1)
         if self.cfg.dropped_text == "no_tokens":
             text_mask = empty_prompts_dropped(text, text_mask)
-        txt = self.base.text_embedder(text.to(dtype))
-        bos = self.base.bos_token.to(device=txt.device, dtype=dtype).expand(B, 1, -1)
-        return torch.cat([bos, txt], dim=1), text_mask
+        return self.base.embed_text(text, B, dtype), text_mask
 
     def _mask_tokens(self, labels, size, B, dtype, device):
         p = self.base.config.patch_size
@@ -339,42 +308,40 @@ class MaskControlDiT(nn.Module):
                 bias[:, n_txt + n_img:].masked_fill_(~mask_keep.to(device).bool()[:, None], float("-inf"))
         return None if not bool(bias.any()) else bias.to(dtype)[:, None, None, :]
 
-    def _static_mods(self, B, dtype, device):
-        if self.cfg.static_t is None:
-            return [None] * len(self.base.blocks)
-        c = self.base.t_embedder(torch.full((B,), self.cfg.static_t, device=device), dtype)
-        return [blk.adaLN_modulation(c).chunk(4, dim=1) for blk in self.base.blocks]
-
     # -- API --
     def precompute_static(self, text, text_mask=None, mask_labels=None, batch=None, size=None, mask_keep=None,
-                          dtype=None) -> StaticCache:
+                          dtype=None, options=None) -> StaticCache:
         """Per-block K, V of the static [BOS; text; mask] tokens, for forward(static_cache=...).
-        size: the latent (H, W) the mask is laid on (needed with a mask); batch: expand 1 -> B."""
-        B = batch or text.shape[0]
+        size: the latent (H, W) the mask is laid on (needed with a mask); batch: expand 1 -> B.
+        This stream runs the base's blocks unpatched (block patches act on the image stream)."""
+        base, B = self.base, batch or text.shape[0]
         dtype = dtype or (text.dtype if text.is_floating_point() else torch.float32)
         txt, text_mask = self._text_tokens(text, text_mask, B, dtype)
-        n_txt, n_mask, ids = txt.shape[1], 0, self.base.position_ids(txt.shape[1], 0, 0, txt.device)
+        n_txt, n_mask, ids = txt.shape[1], 0, base.position_ids(txt.shape[1], 0, 0, txt.device)
         if mask_labels is not None:
             if size is None:
                 raise ValueError("precompute_static with a mask needs size=(latent H, W) of the image")
-            p = self.base.config.patch_size
+            p = base.config.patch_size
             msk = self._mask_tokens(mask_labels, size, B, dtype, txt.device)
-            n_mask, ids = msk.shape[1], self.base.position_ids(n_txt, size[0] // p, size[1] // p, txt.device)
+            n_mask, ids = msk.shape[1], base.position_ids(n_txt, size[0] // p, size[1] // p, txt.device)
             txt = torch.cat([txt, msk], dim=1)
         bias = self._key_bias(B, text_mask, n_txt, 0, n_mask, mask_keep, txt.device, dtype)
-        freqs, mods, kv = self._freqs(ids), self._static_mods(B, dtype, txt.device), []
-        for i, blk in enumerate(self.base.blocks):
-            txt, kv_i = self._run(i, txt, n_mask, mods[i], bias, freqs[blk.attn.head_dim],
-                                  kv_only=i == len(self.base.blocks) - 1)
+        c = None if self.cfg.static_t is None else base.t_embedder(
+            torch.full((B,), self.cfg.static_t, device=txt.device), dtype)
+        freqs, attention, kv, last = base.rope(ids), base.attention_for(options), [], len(base.blocks) - 1
+        for i, blk in enumerate(base.blocks):
+            txt, kv_i = MMHDiT.run_block(base, i, txt, c, bias, freqs[blk.attn.head_dim], attention, n_txt, options,
+                                         lin=self._lin(i, n_mask, (0, 0)), return_kv=True, kv_only=i == last)
             kv.append(kv_i)
         return StaticCache(kv, bias, B, tuple(size) if n_mask else None, self.strength)
 
     def forward(self, x, t, text, text_mask=None, mask_labels=None, static_cache: Optional[StaticCache] = None,
-                mask_keep=None):
+                mask_keep=None, options=None):
         """x [B, C, H, W] latent, t [B] (1 = data), text [B|1, L, text_dim], text_mask [B|1, L],
         mask_labels [B|1, h, w] int (see labels_to_grid) or None, mask_keep [B] bool (dropout).
         Decoupled: static_cache from precompute_static (then text/mask args are not read), else the
-        static path is computed here, i.e. every step. Holistic: static_cache must be None."""
+        static path is computed here, i.e. every step. Holistic: static_cache must be None.
+        options: as MMHDiT.forward's (ComfyUI's transformer_options: block patches apply)."""
         base, p = self.base, self.base.config.patch_size
         B, C, H, W = x.shape
         if C != base.config.in_channels or H % p or W % p:
@@ -384,7 +351,7 @@ class MaskControlDiT(nn.Module):
             raise ValueError("static_cache is for the decoupled model; this one has decoupled=False")
         dtype, h, w = x.dtype, H // p, W // p
         c = base.t_embedder(t.expand(B) if t.ndim == 0 else t, dtype)
-        img = base.x_embedder(F.pixel_unshuffle(x, p).flatten(2).transpose(1, 2))
+        img, attention = base.embed_image(x), base.attention_for(options)
         if not self.decoupled:
             txt, text_mask = self._text_tokens(text, text_mask, B, dtype)
             n_txt, n_mask, parts = txt.shape[1], 0, [txt, img]
@@ -392,16 +359,16 @@ class MaskControlDiT(nn.Module):
             if mask_labels is not None:
                 parts.append(self._mask_tokens(mask_labels, (H, W), B, dtype, x.device))
                 n_mask, ids = h * w, torch.cat([ids, ids[n_txt:]])
-            s, freqs = torch.cat(parts, dim=1), self._freqs(ids)
+            s, freqs = torch.cat(parts, dim=1), base.rope(ids)
             bias = self._key_bias(B, text_mask, n_txt, h * w, n_mask, mask_keep, x.device, dtype)
             for i, blk in enumerate(base.blocks):
-                s, _ = self._run(i, s, n_mask, blk.adaLN_modulation(c).chunk(4, dim=1), bias, freqs[blk.attn.head_dim],
-                                 img=(n_txt, n_txt + h * w))
+                s = base.run_block(i, s, c, bias, freqs[blk.attn.head_dim], attention, n_txt, options,
+                                   lin=self._lin(i, n_mask, (n_txt, n_txt + h * w)))
             img = s[:, n_txt:n_txt + h * w]
         else:
             cache = static_cache
             if cache is None:
-                cache = self.precompute_static(text, text_mask, mask_labels, B, (H, W), mask_keep, dtype)
+                cache = self.precompute_static(text, text_mask, mask_labels, B, (H, W), mask_keep, dtype, options)
             elif cache.batch != B or (cache.size is not None and cache.size != (H, W)) \
                     or cache.strength != self.strength:
                 raise ValueError(f"static cache built for batch {cache.batch}, latent {cache.size}, strength "
@@ -409,12 +376,11 @@ class MaskControlDiT(nn.Module):
             bias = cache.bias
             if bias is not None:
                 bias = torch.cat([bias.to(dtype), bias.new_zeros(B, 1, 1, h * w).to(dtype)], dim=-1)
-            freqs = self._freqs(base.position_ids(0, h, w, x.device))
+            freqs = base.rope(base.position_ids(0, h, w, x.device))
             for i, blk in enumerate(base.blocks):
-                img, _ = self._run(i, img, 0, blk.adaLN_modulation(c).chunk(4, dim=1), bias,
-                                   freqs[blk.attn.head_dim], ext=cache.kv[i], img=(0, h * w))
-        out = base.final_layer(img, c)
-        return F.pixel_shuffle(out.transpose(1, 2).reshape(B, C * p * p, h, w), p)
+                img = base.run_block(i, img, c, bias, freqs[blk.attn.head_dim], attention, 0, options,
+                                     lin=self._lin(i, 0, (0, h * w)), ext_kv=cache.kv[i])
+        return base.unpatchify(base.final_layer(img, c), C, h, w)
 
 
 class MaskedLatents(torch.utils.data.Dataset):

@@ -31,7 +31,7 @@ def sdpa_attention(q, k, v, mask=None):
 
 
 def modulate(x, scale):
-    return x * (1 + scale.unsqueeze(1))
+    return x if scale is None else x * (1 + scale.unsqueeze(1))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -65,11 +65,12 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = nn.Identity()
 
-    def forward(self, x, mask, freqs, attention: AttentionFn):
+    def project(self, x, freqs, lin: "LinearFn"):
+        """-> q, k, v [B, H, L, D], q and k normed and rotated."""
         B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).unbind(2)
+        q, k, v = lin("qkv", self.qkv, x).view(B, L, 3, self.heads, self.head_dim).unbind(2)
         q, k = apply_rope(self.q_norm(q), self.k_norm(k), freqs)
-        return self.out(attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 class SwiGLU(nn.Module):
@@ -83,8 +84,27 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def plain_linear(name: str, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return linear(x)
+
+
+# lin(name, linear, x): how a block applies its linear `name` (qkv, out, w1, w2, w3) to tokens x.
+# Mask control passes one that adds adapter deltas on token ranges; everyone else gets plain_linear.
+LinearFn = Callable[[str, nn.Module, torch.Tensor], torch.Tensor]
+
+
+def gate(h, g):
+    return h if g is None else g.unsqueeze(1).tanh() * h
+
+
 class Block(nn.Module):
-    """Sandwich-norm block: norm -> modulate -> op -> norm -> tanh-gated residual."""
+    """Sandwich-norm block: norm -> modulate -> op -> norm -> tanh-gated residual.
+
+    Mask control reuses it rather than keeping a second copy of the maths: c None runs it
+    unmodulated (scale 0, gate 1), as its static stream does; ext_kv (K, V) of tokens computed
+    elsewhere are prepended to the keys (the cached static stream); return_kv also returns this
+    block's (k, v) (to cache them); kv_only stops right after the projection, for a stream whose
+    outputs are never read."""
 
     def __init__(self, cfg: OboroConfig, heads: int, ops=nn, **kw):
         super().__init__()
@@ -97,12 +117,18 @@ class Block(nn.Module):
         self.mlp_norm2 = ops.RMSNorm(d, eps=eps, elementwise_affine=True, **kw)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(cfg.adaln_dim, 4 * d, bias=True, **kw))
 
-    def forward(self, x, c, mask, freqs, attention: AttentionFn):
-        scale_attn, gate_attn, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-        h = self.attn(modulate(self.attn_norm1(x), scale_attn), mask, freqs, attention)
-        x = x + gate_attn.unsqueeze(1).tanh() * self.attn_norm2(h)
-        h = self.mlp(modulate(self.mlp_norm1(x), scale_mlp))
-        return x + gate_mlp.unsqueeze(1).tanh() * self.mlp_norm2(h)
+    def forward(self, x, c, mask, freqs, attention: AttentionFn, lin: LinearFn = plain_linear,
+                ext_kv=None, return_kv: bool = False, kv_only: bool = False):
+        scale_attn, gate_attn, scale_mlp, gate_mlp = (None,) * 4 if c is None else self.adaLN_modulation(c).chunk(4, dim=1)
+        q, k, v = self.attn.project(modulate(self.attn_norm1(x), scale_attn), freqs, lin)
+        if kv_only:
+            return x, (k, v)
+        kk, vv = (k, v) if ext_kv is None else (torch.cat([ext_kv[0].to(k), k], 2), torch.cat([ext_kv[1].to(v), v], 2))
+        x = x + gate(self.attn_norm2(lin("out", self.attn.out, attention(q, kk, vv, mask))), gate_attn)
+        h = modulate(self.mlp_norm1(x), scale_mlp)
+        h = lin("w2", self.mlp.w2, F.silu(lin("w1", self.mlp.w1, h)) * lin("w3", self.mlp.w3, h))
+        x = x + gate(self.mlp_norm2(h), gate_mlp)
+        return (x, (k, v)) if return_kv else x
 
 
 class FinalLayer(nn.Module):
@@ -162,39 +188,67 @@ class MMHDiT(nn.Module):
         img = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
         return torch.cat([text, img], dim=0)
 
+    # -- pieces, shared with mask control (oboro_model/mask_control.py) --
+    def embed_text(self, text: torch.Tensor, B: int, dtype) -> torch.Tensor:
+        """[BOS; text] tokens [B, 1 + L, hidden]."""
+        txt = self.text_embedder(text.to(dtype))
+        return torch.cat([self.bos_token.to(device=txt.device, dtype=dtype).expand(B, 1, -1), txt], dim=1)
+
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.x_embedder(F.pixel_unshuffle(x, self.config.patch_size).flatten(2).transpose(1, 2))
+
+    def unpatchify(self, tokens: torch.Tensor, C: int, h: int, w: int) -> torch.Tensor:
+        p = self.config.patch_size
+        return F.pixel_shuffle(tokens.transpose(1, 2).reshape(tokens.shape[0], C * p * p, h, w), p)
+
+    def rope(self, ids: torch.Tensor) -> dict:
+        """RoPE tables per head dim (the schedule has a few distinct ones)."""
+        cfg = self.config
+        return {hd: rope_freqs(ids, cfg.rope_dims(hd), cfg.rope_theta) for hd in set(cfg.head_dims)}
+
+    def key_bias(self, text_mask: Optional[torch.Tensor], n_img: int, dtype, device) -> Optional[torch.Tensor]:
+        """Additive [B, 1, 1, 1 + L + n_img] hiding padded text keys, or None without padding. Eager
+        skips an all-ones mask (flash kernels take no mask); a compiled graph always builds it, so
+        there is no data-dependent branch to break the graph on."""
+        if text_mask is None or (not torch.compiler.is_compiling() and bool(text_mask.all())):
+            return None
+        B = text_mask.shape[0]
+        keep = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), text_mask.to(device).bool(),
+                          torch.ones(B, n_img, dtype=torch.bool, device=device)], dim=1)
+        return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))[:, None, None, :]
+
+    # -- the seam: ComfyUI's subclass overrides these two; the pure model ignores `options` --
+    def attention_for(self, options: Optional[dict]) -> AttentionFn:
+        return self.attention
+
+    def run_block(self, i: int, x, c, mask, freqs, attention: AttentionFn, n_txt: int, options: Optional[dict],
+                  **kw):
+        """The one place a block runs. x is [text tokens (n_txt); the rest (image, then mask tokens
+        under mask control)]; kw go to Block.forward (lin, ext_kv, return_kv, kv_only)."""
+        blk = self.blocks[i]
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(blk, x, c, mask, freqs, attention, use_reentrant=False, **kw)
+        return blk(x, c, mask, freqs, attention, **kw)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                text_mask: Optional[torch.Tensor] = None, options: Optional[dict] = None) -> torch.Tensor:
         """x [B, C, H, W], t [B] in [0, 1] (1 = data), text [B, L, text_dim], text_mask [B, L]
-        (1 = real token). Returns the velocity [B, C, H, W]."""
+        (1 = real token); options: an opaque per-call dict for the seam above (ComfyUI's
+        transformer_options). Returns the velocity [B, C, H, W]."""
         cfg, p = self.config, self.config.patch_size
         B, C, H, W = x.shape
         if C != cfg.in_channels:
             raise ValueError(f"expected {cfg.in_channels} input channels, got {C}")
         if H % p or W % p:
             raise ValueError(f"height and width must be multiples of patch_size {p}, got {H}x{W}")
-        dtype = x.dtype
+        dtype, h, w = x.dtype, H // p, W // p
         c = self.t_embedder(t.expand(B) if t.ndim == 0 else t, dtype)
-        txt = self.text_embedder(text.to(dtype))
-        bos = self.bos_token.to(device=x.device, dtype=dtype).expand(B, 1, -1)
-        txt = torch.cat([bos, txt], dim=1)
-        img = self.x_embedder(F.pixel_unshuffle(x, p).flatten(2).transpose(1, 2))
-        n_txt, h, w = txt.shape[1], H // p, W // p
-        tokens = torch.cat([txt, img], dim=1)
-
-        mask = None
-        if text_mask is not None and not bool(text_mask.all()):
-            keep = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), text_mask.to(x.device).bool(),
-                              torch.ones(B, h * w, dtype=torch.bool, device=x.device)], dim=1)
-            mask = torch.zeros(keep.shape, dtype=dtype, device=x.device).masked_fill_(~keep, float("-inf"))
-            mask = mask[:, None, None, :]
-
-        ids = self.position_ids(n_txt, h, w, x.device)
-        freqs = {hd: rope_freqs(ids, cfg.rope_dims(hd), cfg.rope_theta) for hd in set(cfg.head_dims)}
-        for blk in self.blocks:
-            f = freqs[blk.attn.head_dim]
-            if self.gradient_checkpointing and self.training:
-                tokens = checkpoint(blk, tokens, c, mask, f, self.attention, use_reentrant=False)
-            else:
-                tokens = blk(tokens, c, mask, f, self.attention)
-        out = self.final_layer(tokens[:, n_txt:], c)
-        return F.pixel_shuffle(out.transpose(1, 2).reshape(B, C * p * p, h, w), p)
+        txt = self.embed_text(text, B, dtype)
+        n_txt = txt.shape[1]
+        tokens = torch.cat([txt, self.embed_image(x)], dim=1)
+        mask = self.key_bias(text_mask, h * w, dtype, x.device)
+        freqs = self.rope(self.position_ids(n_txt, h, w, x.device))
+        attention = self.attention_for(options)
+        for i, blk in enumerate(self.blocks):
+            tokens = self.run_block(i, tokens, c, mask, freqs[blk.attn.head_dim], attention, n_txt, options)
+        return self.unpatchify(self.final_layer(tokens[:, n_txt:], c), C, h, w)

@@ -234,7 +234,7 @@ def test_empty_prompts_are_mask_only_as_trained(comfy, models, adapter_dir, drop
 
 
 def test_cache_lifetime_and_base_model_untouched(comfy, models):
-    from oboro.nodes.mask_control import PATCH
+    from oboro.nodes.mask_control import mask_controller
     n = nodes()
     patcher = n["OboroModelLoader"].execute(DIT, "fp32")[0]
     clip = n["OboroT5Loader"].execute(**t5_inputs())[0]
@@ -245,7 +245,7 @@ def test_cache_lifetime_and_base_model_untouched(comfy, models):
     mask[:, 16:48, 16:48] = 1.0
     masked = n["OboroApplyMaskControl"].execute(model=patcher, adapter=n["OboroMaskAdapterLoader"].execute(ADAPTER)[0],
                                                strength=1.0, mask=mask)[0]
-    ctl = masked.object_patches[PATCH].controller
+    ctl = mask_controller(masked)
     before = run(patcher)
     a = run(masked)
     # heun, 3 steps (open end: ralston2 last): 6 model calls, each cond and uncond -> 2 static passes
@@ -254,8 +254,8 @@ def test_cache_lifetime_and_base_model_untouched(comfy, models):
     # equal-length prompts: ComfyUI batches cond + uncond (B = 2): one static pass for both chunks
     n["OboroSampler"].execute(masked, pos, pos, lat, 1, 3, 4.0, "heun", 1.0, 1.0)
     assert (ctl.misses, ctl.hits, len(ctl.cache)) == (5, 25, 0)
-    assert PATCH not in patcher.object_patches
-    after = run(patcher)  # the object patch is undone when the plain MODEL is loaded again
+    assert mask_controller(patcher) is None
+    after = run(patcher)
     assert torch.equal(before, after) and max_diff(a, before) > 1e-3
 
 
