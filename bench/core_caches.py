@@ -1,0 +1,84 @@
+"""Core ComfyUI caches on the trained offline-demo model: model calls saved by EasyCache and LazyCache
+at their default settings, and what it costs in the picture, against the uncached run (the
+baseline) measured in the same process.
+
+Core KSampler (euler, simple, 20 steps, cfg 3, the demo's settings) on the demo's 9 held-out
+prompts x 2 seeds, 32x32 pixel space. Model calls are counted as forwards of the
+model's final layer (one per diffusion-model call). "fully right" is demo_data.score_image's
+colour + position + shape + background; "max |diff|" is against the uncached image, 0..1 pixels.
+
+    .venv/bin/python bench/core_caches.py [--demo out/demo]   (run scripts/oboro-demo first)
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import oboro_env  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--demo", default=str(REPO / "out" / "demo"), help="an oboro-demo output folder")
+p.add_argument("--seeds", type=int, default=2)
+p.add_argument("--threads", type=int, default=1)
+a = p.parse_args()
+models = Path(a.demo) / "models"
+if not (models / "diffusion_models" / "oboro-demo.safetensors").is_file():
+    sys.exit(f"no trained demo model in {models}: run scripts/oboro-demo --out {a.demo} first")
+
+oboro_env.add_comfy_to_path()
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+import torch  # noqa: E402
+
+oboro_env.import_oboro()
+from oboro.oboro_model import demo_data as dd  # noqa: E402
+from oboro.runner import demo, embedded  # noqa: E402
+
+torch.set_num_threads(a.threads)
+embedded.start(cpu=True, model_dirs={k: str(models / k) for k in ("diffusion_models", "text_encoders", "vae")})
+import nodes as comfy_nodes  # noqa: E402  (ComfyUI's)
+
+N = comfy_nodes.NODE_CLASS_MAPPINGS
+base = N["OboroModelLoader"].execute("oboro-demo.safetensors", "fp32")[0]
+clip = N["OboroT5Loader"].execute(t5_name=demo.T5_FILE)[0]
+vae = N["VAELoader"]().load_vae("pixel_space")[0]
+neg = N["OboroTextEncode"].execute(clip=clip, text="")[0]
+prompts = demo.held_out_prompts()
+CACHES = {"none (baseline)": None,
+          "EasyCache (defaults: 0.2, 0.15-0.95)": ("EasyCache", 0.2, 0.15, 0.95),
+          "LazyCache (defaults: 0.2, 0.15-0.95)": ("LazyCache", 0.2, 0.15, 0.95)}
+
+
+def sample(model):
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, _: calls.append(1) if type(m).__name__ == "FinalLayer" else None)
+    out = []
+    try:
+        for combo in prompts:
+            pos = N["OboroTextEncode"].execute(clip=clip, text=dd.caption(*combo))[0]
+            for seed in range(a.seeds):
+                lat = {"samples": torch.zeros(1, 3, 32, 32)}
+                s = comfy_nodes.common_ksampler(model, seed, 20, 3.0, "euler", "simple", pos, neg, lat)[0]["samples"]
+                out.append((combo, vae.decode(s)[0]))
+    finally:
+        hook.remove()
+    return out, len(calls)
+
+
+rows, ref = [], None
+for name, spec in CACHES.items():
+    model = base if spec is None else N[spec[0]].execute(base, *spec[1:], False)[0]
+    images, calls = sample(model)
+    ref = ref or (images, calls)
+    right = sum(all(dd.score_image((img.numpy() * 255).round().astype("uint8"), *c)[f"{k}_ok"]
+                    for k in ("colour", "position", "shape", "background")) for c, img in images)
+    diff = max(float((img - r).abs().max()) for (_, img), (_, r) in zip(images, ref[0]))
+    rows.append((name, calls, 1 - calls / ref[1], right / len(images), diff))
+
+print(f"\n{len(prompts)} prompts x {a.seeds} seeds, core KSampler euler 20 steps cfg 3, demo model {models}")
+print(f"| cache | model calls | saved vs baseline | fully right | max abs diff vs baseline |\n|---|---|---|---|---|")
+for name, calls, saved, right, diff in rows:
+    print(f"| {name} | {calls} | {saved:.0%} | {right:.0%} | {diff:.3f} |")
