@@ -4,7 +4,7 @@ OboroTrainMaskAdapter masks: mask_dir/<image path relative to the dataset folder
 the size of its image. Mode P / L / I: pixel value = label (0 background, 1.. regions; what
 oboro_model/demo_data.py writes). RGB(A): colour i of `palette` = label i. The latent cache's
 crop/resize of the image (policy, crop, seed, epoch 0) is replayed on the mask (nearest). Training
-runs on the engine (oboro_model/training: BucketTrainer over MaskedLatents), so it has the LoRA
+runs on the engine (oboro_model/training: the Trainer over MaskedLatents, one bucket per step), so it has the LoRA
 nodes' spike guard, schedules, resumable states (output/oboro_training/<output_name>_mask) and
 interrupt; text and mask dropout are independent per sample (p = condition_dropout each). A dropped
 text is no tokens (the adapter records dropped_text "no_tokens", so OboroApplyMaskControl reads an
@@ -28,13 +28,14 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..oboro_model import MMHDiT
-from ..oboro_model.data import LatentCache, crop_box
+from ..oboro_model.data import crop_box
 from ..oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, MaskedLatents, palette_to_labels, save_mask_adapter
 from ..oboro_model.training import TrainConfig, list_checkpoints
 from ..oboro_model.training.optim import SCHEDULES
+from ..oboro_model.training.run import build_trainer
 from .mask_control import FOLDER, IMAGE_RANK, MaskAdapter, MaskAdapterIO, _oboro_dm, parse_palette
-from .training import PRECISION, STATE_ROOT, _inside, _plain_weights, drive
-from .training_preview import BucketTrainer, encode_plain, load_history, loss_curve_image, resume_file
+from .training import PRECISION, STATE_ROOT, _inside, _plain_weights, drive, open_node_cache
+from .training_preview import encode_plain, load_history, loss_curve_image, resume_file
 
 log = logging.getLogger("oboro")
 
@@ -112,7 +113,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
         if resume is None and list_checkpoints(state_dir):
             raise ValueError(f"{node}: {state_dir} already holds training states of an earlier run; set resume_from "
                              "to 'latest' to continue it, or pick another output_name (or delete that folder)")
-        cache, root = LatentCache(cache_dir, transform=model.model.latent_format.process_in), Path(mask_dir or "")
+        cache, root = open_node_cache(cache_dir, model.model.latent_format, node), Path(mask_dir or "")
         pal = parse_palette(palette) if (palette or "").strip() else None
         if len(cache) == 0 or not root.is_dir():
             raise ValueError(f"{node}: need a non-empty latent cache ({len(cache)} items in {cache_dir}) and a mask "
@@ -135,7 +136,10 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                            schedule=schedule, precision=PRECISION[precision], caption_dropout=condition_dropout,
                            mask_dropout=condition_dropout, seed=seed, checkpoint_every=checkpoint_every,
                            output_dir=str(state_dir))
-        empty = encode_plain(clip, "", int(cache.settings.get("max_tokens", 256))) if clip is not None else (None, None)
+        empty = (None, None)  # no clip: a dropped text is no tokens (the adapter records "no_tokens")
+        if clip is not None:  # T5("") as the cache stored it (older caches: encoded here)
+            empty = ((cache.empty_text, cache.empty_mask) if cache.empty_text is not None
+                     else encode_plain(clip, "", int(cache.settings.get("max_tokens", 256))))
         device = mm.get_torch_device()
         weights = _plain_weights(model, device)
         mm.unload_all_models()
@@ -146,7 +150,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
             with torch.random.fork_rng(devices=[]):  # the adapter's init follows `seed` too
                 torch.manual_seed(seed)
                 mcd = MaskControlDiT(net, cfg)  # the base is frozen: only the adapter trains
-            trainer = BucketTrainer(mcd, MaskedLatents(cache, masks), tcfg, empty_text=empty[0], empty_mask=empty[1])
+            trainer = build_trainer(mcd, MaskedLatents(cache, masks), tcfg, empty=empty)
             if resume is not None:
                 trainer.resume(resume)
             history = load_history(resume, trainer.step)

@@ -29,20 +29,20 @@ from comfy_api.latest import io
 
 from ..oboro_model import MMHDiT, save_checkpoint
 from ..oboro_model.checkpoint import check_state_dict
-from ..oboro_model.data import LatentCache
+from ..oboro_model.data import LatentCache, ScaleShift
 from ..oboro_model.training import StopTraining, TrainConfig, list_checkpoints
 from ..oboro_model.training.loss import T_SAMPLING
 from ..oboro_model.training.optim import OPTIMIZERS, SCHEDULES
+from ..oboro_model.training.run import LORA_TARGETS, LoraSpec, build_trainer, check_cache_fits, open_cache, seeded
 from ..oboro_model.training.trainer import PRECISIONS
 from .comfy_model import load_oboro_model
-from .training_preview import (BucketTrainer, CastForSaving, Previews, black_image, encode_plain, load_history,
-                               loss_curve_image, resume_file, save_history)
+from .training_preview import (CastForSaving, Previews, black_image, encode_plain, load_history, loss_curve_image,
+                               resume_file, save_history)
 
 log = logging.getLogger("oboro")
 STATE_ROOT = "oboro_training"
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LORA_TARGETS = ("attn", "mlp", "all")
 
 
 def _inside(root, name: str) -> Path:
@@ -51,6 +51,31 @@ def _inside(root, name: str) -> Path:
     if not name.strip() or not path.is_relative_to(root) or path == root:
         raise ValueError(f"output_name {name!r} must be a plain name (or sub/path) inside {root}")
     return path
+
+
+def open_node_cache(cache_dir: str, latent_format, node: str) -> LatentCache:
+    """The cache through the core reader, with the latent transform its manifest records (what
+    scripts/oboro-train applies too), checked against the MODEL's latent format. A cache written
+    before the manifest recorded it uses the MODEL's latent_format.process_in."""
+    if not (cache_dir or "").strip():
+        raise ValueError(f"{node}: cache_dir is empty; connect OboroCacheLatents' cache_dir output")
+    cache = open_cache(cache_dir, transform=None, what=node)
+    spec = cache.latent_transform
+    if spec is None:
+        log.warning("%s: %s records no latent transform (an older cache); using the model's %s. Rebuild it with "
+                    "OboroCacheLatents so scripts/oboro-train applies the same one.", node, cache.folder,
+                    type(latent_format).__name__)
+        cache.transform = latent_format.process_in
+        return cache
+    cache.transform = ScaleShift(spec)
+    c = int(cache.items[0]["latent_shape"][0])
+    probe = torch.linspace(-3.0, 3.0, 4 * c).view(1, c, 2, 2)
+    with torch.inference_mode(False):
+        want = latent_format.process_in(probe.clone())
+    if want.shape != probe.shape or not torch.allclose(cache.transform(probe), want, atol=1e-6, rtol=1e-6):
+        raise ValueError(f"{node}: {cache.folder} was encoded for latent format {spec}, but this model's latent "
+                         f"format is {type(latent_format).__name__}; encode the cache with this model's VAE")
+    return cache
 
 
 def _send_text(text: str) -> None:
@@ -133,8 +158,6 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
     dm = getattr(getattr(model, "model", None), "diffusion_model", None)
     if not isinstance(dm, MMHDiT):
         raise ValueError(f"{node} trains oboro models: connect a MODEL from OboroModelLoader, got {type(dm).__name__}")
-    if not (cache_dir or "").strip():
-        raise ValueError(f"{node}: cache_dir is empty; connect OboroCacheLatents' cache_dir output")
     config, fmt = dm.config, model.model.latent_format
     stem = output_name.strip().removesuffix(".safetensors")
     target = _inside(folder_paths.get_folder_paths("loras" if kind == "lora" else "diffusion_models")[0],
@@ -144,14 +167,9 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
     if resume is None and list_checkpoints(state_dir):
         raise ValueError(f"{node}: {state_dir} already holds training states of an earlier run; set resume_from to "
                          "'latest' to continue it, or pick another output_name (or delete that folder)")
-    cache = LatentCache(cache_dir, transform=fmt.process_in)
-    if len(cache) == 0:
-        raise ValueError(f"{node}: the latent cache {cache_dir} is empty")
+    cache = open_node_cache(cache_dir, fmt, node)
+    check_cache_fits(cache, config, node)
     first = cache[0]
-    if first["latent"].shape[0] != config.in_channels or first["text"].shape[-1] != config.text_dim:
-        raise ValueError(f"{node}: the cache holds {first['latent'].shape[0]}-channel latents and "
-                         f"{first['text'].shape[-1]}-wide text states; this model takes {config.in_channels} and "
-                         f"{config.text_dim} (same VAE and T5 as the model?)")
     max_tokens = int(cache.settings.get("max_tokens", 256))
     prompts = [p.strip() for p in (preview_prompts or "").splitlines() if p.strip()]
     previews = None
@@ -159,7 +177,9 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
         log.warning("%s: previews need a clip (T5) and preview_prompts; none will be rendered", node)
     elif preview_every > 0:
         previews = Previews(clip, prompts, first["latent"].shape, preview_steps, preview_cfg, preview_seed, max_tokens)
-    empty_text, empty_mask = encode_plain(clip, "", max_tokens) if clip is not None else (None, None)
+    empty = (cache.empty_text, cache.empty_mask)  # T5("") as the cache's own T5 encoded it
+    if empty[0] is None and clip is not None:  # an older cache: encode it here
+        empty = encode_plain(clip, "", max_tokens)
     device = mm.get_torch_device()
     weights = _plain_weights(model, device, share=kind == "lora")
     mm.unload_all_models()
@@ -170,17 +190,15 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
                       caption_dropout=caption_dropout, t_sampling=t_sampling, spike_guard=spike_guard, seed=seed,
                       checkpoint_every=checkpoint_every, keep_last=keep_last, output_dir=str(state_dir))
     amp, t0 = PRECISIONS[cfg.precision], time.time()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), seeded(seed):
         with torch.device("meta"):
             net = MMHDiT(config)
         weights = {k: weights[k] for k in net.state_dict() if k in weights}
         check_state_dict(net, weights, f"{node} input MODEL")
         net.load_state_dict(weights, strict=True, assign=True)
         del weights
-        if kind == "lora":
-            from ..oboro_model.training.lora import add_lora, save_lora
-            add_lora(net, rank=rank, alpha=alpha, dropout=dropout, targets=targets)
-        trainer = BucketTrainer(net, cache, cfg, empty_text=empty_text, empty_mask=empty_mask)
+        lora = LoraSpec(rank, alpha, dropout, targets) if kind == "lora" else None
+        trainer = build_trainer(net, cache, cfg, lora, empty=empty)
         if resume is not None:
             trainer.resume(resume)
         start = trainer.step
@@ -199,6 +217,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
                                               "items": len(cache), "lr": lr, "batch_size": batch_size,
                                               "grad_accum": grad_accum, "optimizer": optimizer, "seed": seed})}
         if kind == "lora":
+            from ..oboro_model.training.lora import save_lora
             save_lora(target, net, metadata=info)
         else:
             save_checkpoint(target, CastForSaving(net, SAVE_DTYPES[save_dtype]), metadata=info)
@@ -269,8 +288,9 @@ def schema(kind: str) -> io.Schema:
             io.Boolean.Input("gradient_checkpointing", default=not lora,
                              tooltip="Recompute block activations in the backward pass: less memory, ~30% slower."),
             io.Float.Input("caption_dropout", default=0.1, min=0.0, max=1.0, step=0.01,
-                           tooltip="Fraction of samples trained on the empty prompt (what CFG's negative uses; "
-                                   "T5('') when a clip is connected, else no text at all)."),
+                           tooltip="Fraction of samples trained on the empty prompt (what CFG's negative uses): "
+                                   "T5('') as stored in the cache (older caches: T5('') of the connected clip, "
+                                   "else no text at all)."),
             io.Combo.Input("t_sampling", options=list(T_SAMPLING), default="uniform",
                            tooltip="Distribution of training times t (logit_normal favours mid-path)."),
             io.Boolean.Input("spike_guard", default=True,

@@ -1,4 +1,4 @@
-"""Helpers of the training nodes (nodes/training.py): bucket-aware batching, resume paths, the loss
+"""Helpers of the training nodes (nodes/training.py): resume paths, the loss
 log kept next to the training states, the loss-curve IMAGE, and preview images sampled from the
 model being trained with oboro's own ODE sampler (samplers.ode.sample), decoded after training."""
 from __future__ import annotations
@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..oboro_model.training import Trainer, latest_checkpoint, list_checkpoints
+from ..oboro_model.atomic import atomic_write
+from ..oboro_model.training import latest_checkpoint, list_checkpoints
 from ..samplers.ode import prepare_noise, sample
 from .text_encoder import encode_text
 
@@ -21,43 +21,7 @@ log = logging.getLogger("oboro")
 LOSS_LOG = "loss_log.json"
 
 
-# ---- batching, saving, resuming ---------------------------------------------------------------
-class BucketTrainer(Trainer):
-    """A Trainer whose steps never mix aspect buckets (a step's samples and noise share one shape).
-    With several buckets an epoch is a seeded shuffle of whole steps: each bucket's shuffled indices
-    cut into runs of batch_size * grad_accum, the last run topped up from the bucket's start. With
-    one bucket it is the plain Trainer."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        groups: dict = {}
-        for i in range(len(self.dataset)):
-            groups.setdefault(tuple(self.dataset.bucket_of(i)), []).append(i)
-        self.groups = [groups[k] for k in sorted(groups)]
-
-    def _next_indices(self, n: int) -> list[int]:
-        if len(self.groups) < 2:
-            return super()._next_indices(n)
-        out: list[int] = []
-        while len(out) < n:  # every epoch's length is a multiple of n: a step is one whole run
-            if self.pos >= len(self.order):
-                self.order, self.pos = self._epoch_order(n), 0
-                self.epoch += 1
-            take = min(n - len(out), len(self.order) - self.pos)
-            out += self.order[self.pos:self.pos + take].tolist()
-            self.pos += take
-        return out
-
-    def _epoch_order(self, B: int) -> torch.Tensor:
-        runs = []
-        for idx in self.groups:
-            perm = torch.tensor(idx)[torch.randperm(len(idx), generator=self.data_gen)]
-            if len(perm) % B:
-                perm = torch.cat([perm, perm.repeat(B)[:B - len(perm) % B]])
-            runs += list(perm.split(B))
-        return torch.cat([runs[i] for i in torch.randperm(len(runs), generator=self.data_gen).tolist()])
-
-
+# ---- saving, resuming -----------------------------------------------------------------------
 class CastForSaving:
     """What save_checkpoint needs of a model (config, state_dict), with the weights cast."""
 
@@ -107,10 +71,8 @@ def load_history(state_file: Optional[Path], upto: int) -> dict:
 
 
 def save_history(state_dir: Path, history: dict) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / (LOSS_LOG + ".tmp")
-    tmp.write_text(json.dumps(history, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, state_dir / LOSS_LOG)
+    text = json.dumps(history, allow_nan=True)
+    atomic_write(state_dir / LOSS_LOG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), fsync=False)
 
 
 # ---- images -------------------------------------------------------------------------------------
