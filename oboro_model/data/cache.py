@@ -201,6 +201,21 @@ def _valid_old_items(folder: Path, manifest: Optional[dict]) -> tuple[dict, dict
     return out, {shard: len(k) // 3 for shard, k in keys.items()}
 
 
+def _write_empty_prompt(folder: Path, encode_text: Callable, previous: Optional[dict], settings: dict) -> None:
+    """Store encode_text("") unless the previous build stored it with the same encoder settings."""
+    if previous and previous.get("empty_prompt") == EMPTY_PROMPT and previous.get("settings") == settings:
+        try:
+            with safe_open(str(folder / EMPTY_PROMPT), framework="pt") as f:
+                if {"text", "text_mask"} <= set(f.keys()):
+                    return
+        except Exception:  # noqa: BLE001 - missing or damaged: encode it again
+            pass
+    hidden, masks = encode_text([""])
+    empty = _squeeze(hidden[0], 2)
+    mask = _squeeze(masks[0], 1) if masks is not None else torch.ones(empty.shape[0], dtype=torch.long)
+    save_safetensors(folder / EMPTY_PROMPT, {"text": empty, "text_mask": mask}, {"format": FORMAT})
+
+
 def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, settings: dict,
                 shard_size: int = 256, batch_size: int = 8,
                 progress: Optional[Callable[[int, int], None]] = None,
@@ -216,7 +231,8 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base = {**dataset.settings(), **settings}
-    old, totals = _valid_old_items(folder, read_manifest(folder))
+    previous = read_manifest(folder)
+    old, totals = _valid_old_items(folder, previous)
     existing = [int(m.group(1)) for p in folder.iterdir() if (m := SHARD_RE.match(p.name))]
     writer = _ShardWriter(folder, max(existing, default=-1) + 1, shard_size)
     skipped = list(getattr(dataset, "report", []))
@@ -271,10 +287,7 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
         shard, key, shape, text_len = done[h]
         items.append({**src, "sha256": h, "shard": shard, "key": key, "latent_shape": shape, "text_len": text_len})
     writer.flush()
-    hidden, masks = encode_text([""])
-    empty = _squeeze(hidden[0], 2)
-    empty_mask = _squeeze(masks[0], 1) if masks is not None else torch.ones(empty.shape[0], dtype=torch.long)
-    save_safetensors(folder / EMPTY_PROMPT, {"text": empty, "text_mask": empty_mask}, {"format": FORMAT})
+    _write_empty_prompt(folder, encode_text, previous, base)
     if transform is None:
         transform = default_latent_transform(int(items[0]["latent_shape"][0]) if items else 3)
     manifest = {"format": FORMAT, "version": VERSION, "settings": base, "latent_transform": dict(transform),
