@@ -1,27 +1,22 @@
-"""Helpers of the training nodes (nodes/training.py): resume paths, the loss
-log kept next to the training states, the loss-curve IMAGE, and preview images sampled from the
-model being trained with oboro's own ODE sampler (samplers.ode.sample), decoded after training."""
+"""Helpers of the training nodes (nodes/training.py; a run's files, resume point and loss log are
+the core's oboro_model/training/job.py): saving a cast checkpoint, the loss-curve IMAGE, and
+preview images sampled from the model being trained with oboro's own ODE sampler (samplers.ode.sample), decoded after training."""
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..oboro_model.atomic import atomic_write
-from ..oboro_model.training import latest_checkpoint, list_checkpoints
 from ..samplers.ode import prepare_noise, sample
 from .text_encoder import encode_text
 
 log = logging.getLogger("oboro")
-LOSS_LOG = "loss_log.json"
 
 
-# ---- saving, resuming -----------------------------------------------------------------------
+# ---- saving -------------------------------------------------------------------------------------
 class CastForSaving:
     """What save_checkpoint needs of a model (config, state_dict), with the weights cast."""
 
@@ -30,49 +25,6 @@ class CastForSaving:
 
     def state_dict(self):
         return {k: v.detach().to("cpu", self.dtype) for k, v in self.net.state_dict().items()}
-
-
-def resume_file(resume_from: str, state_dir: Path):
-    """None (fresh start), or the training-state file to resume from. 'latest' is the newest state
-    of this output_name (none yet: a fresh start); else a state file or folder, absolute or
-    relative to output/oboro_training."""
-    r = (resume_from or "").strip()
-    if not r:
-        return None
-    if r == "latest":
-        found = list_checkpoints(state_dir)
-        return found[-1] if found else None
-    p = Path(r)
-    return latest_checkpoint(p if p.is_absolute() else state_dir.parent / p)
-
-
-# ---- loss log -----------------------------------------------------------------------------------
-def new_history() -> dict:
-    return {"step": [], "loss": [], "lr": [], "spikes": [], "resumed_at": []}
-
-
-def load_history(state_file: Optional[Path], upto: int) -> dict:
-    """The loss log next to a resumed state, cut to the steps that state has seen."""
-    h = new_history()
-    if state_file is None:
-        return h
-    try:
-        old = json.loads((Path(state_file).parent / LOSS_LOG).read_text(encoding="utf-8"))
-        keep = [i for i, s in enumerate(old["step"]) if s <= upto]
-        h.update({k: [old[k][i] for i in keep] for k in ("step", "loss", "lr")})
-        h["spikes"] = [s for s in old.get("spikes", []) if s <= upto]
-        h["resumed_at"] = [s for s in old.get("resumed_at", []) if s <= upto]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        log.info("oboro training: no usable %s next to %s; the loss curve starts at step %d", LOSS_LOG,
-                 state_file, upto)
-    if upto:
-        h["resumed_at"].append(upto)
-    return h
-
-
-def save_history(state_dir: Path, history: dict) -> None:
-    text = json.dumps(history, allow_nan=True)
-    atomic_write(state_dir / LOSS_LOG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), fsync=False)
 
 
 # ---- images -------------------------------------------------------------------------------------

@@ -34,13 +34,15 @@ CONFIG.toml (relative paths are relative to the file):
     [output]
     dir = "runs/my-run"               # training states (step_*.safetensors) and the final export
     name = "model"                    # final file <dir>/<name>.safetensors (LoRA default "lora")
-    resume = true                     # continue from the newest state in dir, if any
+    resume = true                     # continue from the newest state in dir, if any (false: refuse
+                                      # to start over an earlier run's states, as the nodes do)
     log_every = 10
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -56,7 +58,7 @@ from ..model import MMHDiT
 from ..data import LatentCache
 from ..data.cache import MANIFEST
 from .run import LoraSpec, build_trainer, check_cache_fits, open_cache
-from .state import list_checkpoints
+from .job import Job
 from .trainer import LocalProcess, Trainer, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -207,8 +209,10 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     check_cache_fits(data, model.config, "[data]")
     spec = None if lora is None else lora_spec(lora)
     tr = build_trainer(model.to(accelerator.device), data, tc, spec, dist=dist)
-    if out.get("resume", True) and tc.output_dir and list_checkpoints(tc.output_dir):
-        tr.resume(tc.output_dir)
+    job = None
+    if tc.output_dir:  # the nodes' bookkeeping: resume point, loss_log.json, summary
+        job = Job(tc.output_dir, "latest" if out.get("resume", True) else "", "oboro-train", is_main=dist.is_main)
+        job.start(tr)
     if dist.is_main:
         logger.info("training %s on %d samples: %d process(es) x batch %d x accum %d = global batch %d, "
                     "%d trainable tensors, step %d -> %d", "LoRA" if lora is not None else "all weights",
@@ -217,14 +221,25 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     every, t0 = int(out.get("log_every", 10)), time.perf_counter()
 
     def log(step, loss, lr, rate):
+        if job is not None:
+            job.record(tr, step, loss, lr)
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                job.save()
         if dist.is_main and every > 0 and (step % every == 0 or step == tc.steps):
             logger.info("step %d/%d  loss %.5f  lr %.3g  %.2f it/s  (%.0f s)", step, tc.steps, loss, lr, rate,
                         time.perf_counter() - t0)
 
-    losses = tr.train(log)
+    try:
+        losses = tr.train(log)
+    finally:
+        if job is not None:
+            job.save()
     exported = export(tr, out_dir, out.get("name"), lora is not None) if out_dir is not None else []
     dist.barrier()
-    return {"step": tr.step, "losses": losses, "export": exported}
+    summary = job.summary(tr, export=[str(p) for p in exported]) if job is not None else {}
+    if summary and dist.is_main:
+        logger.info("summary: %s", json.dumps(summary))
+    return {"step": tr.step, "losses": losses, "export": exported, "summary": summary}
 
 
 def export(tr: Trainer, out_dir: Path, name: Optional[str], is_lora: bool) -> list[Path]:
