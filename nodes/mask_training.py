@@ -4,7 +4,7 @@ OboroTrainMaskAdapter masks: mask_dir/<image path relative to the dataset folder
 the size of its image. Mode P / L / I: pixel value = label (0 background, 1.. regions; what
 oboro_model/demo_data.py writes). RGB(A): colour i of `palette` = label i. The latent cache's
 crop/resize of the image (policy, crop, seed, epoch 0) is replayed on the mask (nearest). Training
-runs on the engine (oboro_model/training: BucketTrainer over MaskedLatents), so it has the LoRA
+runs on the engine (oboro_model/training: the Trainer over MaskedLatents, one bucket per step), so it has the LoRA
 nodes' spike guard, schedules, resumable states (output/oboro_training/<output_name>_mask) and
 interrupt; text and mask dropout are independent per sample (p = condition_dropout each). A dropped
 text is no tokens (the adapter records dropped_text "no_tokens", so OboroApplyMaskControl reads an
@@ -16,7 +16,6 @@ import gc
 import json
 import logging
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +27,15 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..oboro_model import MMHDiT
-from ..oboro_model.data import LatentCache, crop_box
+from ..oboro_model.data import crop_box
 from ..oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, MaskedLatents, palette_to_labels, save_mask_adapter
-from ..oboro_model.training import TrainConfig, list_checkpoints
+from ..oboro_model.training import TrainConfig
+from ..oboro_model.training.job import Job
 from ..oboro_model.training.optim import SCHEDULES
+from ..oboro_model.training.run import build_trainer
 from .mask_control import FOLDER, IMAGE_RANK, MaskAdapter, MaskAdapterIO, _oboro_dm, parse_palette
-from .training import PRECISION, STATE_ROOT, _inside, _plain_weights, drive
-from .training_preview import BucketTrainer, encode_plain, load_history, loss_curve_image, resume_file
+from .training import PRECISION, STATE_ROOT, _inside, _plain_weights, drive, open_node_cache
+from .training_preview import encode_plain, loss_curve_image
 
 log = logging.getLogger("oboro")
 
@@ -103,16 +104,13 @@ class OboroTrainMaskAdapter(io.ComfyNode):
     def execute(cls, model, cache_dir, mask_dir, output_name, steps, batch_size, lr, rank, image_rank, seed, num_labels,
                 condition_dropout: float, precision, palette="", warmup=0, schedule="constant", checkpoint_every=0,
                 resume_from="", clip=None) -> io.NodeOutput:
-        node, t0 = "OboroTrainMaskAdapter", time.time()
+        node = "OboroTrainMaskAdapter"
         dm = _oboro_dm(model, node)
         stem = output_name.strip().removesuffix(".safetensors")
         target = _inside(folder_paths.get_folder_paths(FOLDER)[0], stem + ".safetensors")
         state_dir = _inside(Path(folder_paths.get_output_directory()) / STATE_ROOT, stem + "_mask")
-        resume = resume_file(resume_from, state_dir)
-        if resume is None and list_checkpoints(state_dir):
-            raise ValueError(f"{node}: {state_dir} already holds training states of an earlier run; set resume_from "
-                             "to 'latest' to continue it, or pick another output_name (or delete that folder)")
-        cache, root = LatentCache(cache_dir, transform=model.model.latent_format.process_in), Path(mask_dir or "")
+        job = Job(state_dir, resume_from, node)
+        cache, root = open_node_cache(cache_dir, model.model.latent_format, node), Path(mask_dir or "")
         pal = parse_palette(palette) if (palette or "").strip() else None
         if len(cache) == 0 or not root.is_dir():
             raise ValueError(f"{node}: need a non-empty latent cache ({len(cache)} items in {cache_dir}) and a mask "
@@ -135,7 +133,10 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                            schedule=schedule, precision=PRECISION[precision], caption_dropout=condition_dropout,
                            mask_dropout=condition_dropout, seed=seed, checkpoint_every=checkpoint_every,
                            output_dir=str(state_dir))
-        empty = encode_plain(clip, "", int(cache.settings.get("max_tokens", 256))) if clip is not None else (None, None)
+        empty = (None, None)  # no clip: a dropped text is no tokens (the adapter records "no_tokens")
+        if clip is not None:  # T5("") as the cache stored it (older caches: encoded here)
+            empty = ((cache.empty_text, cache.empty_mask) if cache.empty_text is not None
+                     else encode_plain(clip, "", int(cache.settings.get("max_tokens", 256))))
         device = mm.get_torch_device()
         weights = _plain_weights(model, device)
         mm.unload_all_models()
@@ -146,21 +147,19 @@ class OboroTrainMaskAdapter(io.ComfyNode):
             with torch.random.fork_rng(devices=[]):  # the adapter's init follows `seed` too
                 torch.manual_seed(seed)
                 mcd = MaskControlDiT(net, cfg)  # the base is frozen: only the adapter trains
-            trainer = BucketTrainer(mcd, MaskedLatents(cache, masks), tcfg, empty_text=empty[0], empty_mask=empty[1])
-            if resume is not None:
-                trainer.resume(resume)
-            history = load_history(resume, trainer.step)
-            drive(trainer, node, stem, steps, state_dir, history, checkpoint_every)
+            trainer = build_trainer(mcd, MaskedLatents(cache, masks), tcfg, empty=empty)
+            job.start(trainer)
+            drive(trainer, job, node, stem)
             save_mask_adapter(target, mcd)
-            step = trainer.step
+            s = job.summary(trainer)
             mcd = net = trainer = None
         gc.collect()
         mm.soft_empty_cache()
-        summary = json.dumps({"path": str(target), "steps": step, "items": len(cache), "num_labels": K,
-                              "final_loss": history["loss"][-1] if history["loss"] else None,
-                              "state_dir": str(state_dir), "seconds": round(time.time() - t0, 1)}, indent=1)
+        summary = json.dumps({"path": str(target), "steps": s["step"], "items": len(cache), "num_labels": K,
+                              "final_loss": s["final_loss"], "state_dir": s["state_dir"], "seconds": s["seconds"]},
+                             indent=1)
         log.info("%s: saved %s", node, target)
-        return io.NodeOutput(str(target), loss_curve_image(history, f"{node}: {stem}"), MaskAdapter.read(target),
+        return io.NodeOutput(str(target), loss_curve_image(job.history, f"{node}: {stem}"), MaskAdapter.read(target),
                              ui={"text": (summary,)})
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -29,20 +30,20 @@ from comfy_api.latest import io
 
 from ..oboro_model import MMHDiT, save_checkpoint
 from ..oboro_model.checkpoint import check_state_dict
-from ..oboro_model.data import LatentCache
-from ..oboro_model.training import StopTraining, TrainConfig, list_checkpoints
+from ..oboro_model.data import LatentCache, ScaleShift
+from ..oboro_model.training import StopTraining, TrainConfig
+from ..oboro_model.training.job import Job
 from ..oboro_model.training.loss import T_SAMPLING
 from ..oboro_model.training.optim import OPTIMIZERS, SCHEDULES
+from ..oboro_model.training.run import LORA_TARGETS, LoraSpec, build_trainer, check_cache_fits, open_cache, seeded
 from ..oboro_model.training.trainer import PRECISIONS
 from .comfy_model import load_oboro_model
-from .training_preview import (BucketTrainer, CastForSaving, Previews, black_image, encode_plain, load_history,
-                               loss_curve_image, resume_file, save_history)
+from .training_preview import CastForSaving, Previews, black_image, encode_plain, loss_curve_image
 
 log = logging.getLogger("oboro")
 STATE_ROOT = "oboro_training"
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LORA_TARGETS = ("attn", "mlp", "all")
 
 
 def _inside(root, name: str) -> Path:
@@ -51,6 +52,31 @@ def _inside(root, name: str) -> Path:
     if not name.strip() or not path.is_relative_to(root) or path == root:
         raise ValueError(f"output_name {name!r} must be a plain name (or sub/path) inside {root}")
     return path
+
+
+def open_node_cache(cache_dir: str, latent_format, node: str) -> LatentCache:
+    """The cache through the core reader, with the latent transform its manifest records (what
+    scripts/oboro-train applies too), checked against the MODEL's latent format. A cache written
+    before the manifest recorded it uses the MODEL's latent_format.process_in."""
+    if not (cache_dir or "").strip():
+        raise ValueError(f"{node}: cache_dir is empty; connect OboroCacheLatents' cache_dir output")
+    cache = open_cache(cache_dir, transform=None, what=node)
+    spec = cache.latent_transform
+    if spec is None:
+        log.warning("%s: %s records no latent transform (an older cache); using the model's %s. Rebuild it with "
+                    "OboroCacheLatents so scripts/oboro-train applies the same one.", node, cache.folder,
+                    type(latent_format).__name__)
+        cache.transform = latent_format.process_in
+        return cache
+    cache.transform = ScaleShift(spec)
+    c = int(cache.items[0]["latent_shape"][0])
+    probe = torch.linspace(-3.0, 3.0, 4 * c).view(1, c, 2, 2)
+    with torch.inference_mode(False):
+        want = latent_format.process_in(probe.clone())
+    if want.shape != probe.shape or not torch.allclose(cache.transform(probe), want, atol=1e-6, rtol=1e-6):
+        raise ValueError(f"{node}: {cache.folder} was encoded for latent format {spec}, but this model's latent "
+                         f"format is {type(latent_format).__name__}; encode the cache with this model's VAE")
+    return cache
 
 
 def _send_text(text: str) -> None:
@@ -81,25 +107,20 @@ def _plain_weights(model, device, share: bool = False) -> dict:
         return {k: plain(v) for k, v in sd.items()}
 
 
-def drive(trainer, node: str, stem: str, steps: int, state_dir: Path, history: dict, checkpoint_every: int,
-          on_step=None) -> None:
-    """Run `trainer` up to `steps` as a ComfyUI job: progress bar, a log/status line about once a
-    second, the loss history (saved with each checkpoint), on_step(step) after every update, and
+def drive(trainer, job: Job, node: str, stem: str, on_step=None) -> None:
+    """Run `trainer` up to its steps as a ComfyUI job: progress bar, a log/status line about once a
+    second, the job's loss log (saved with each checkpoint), on_step(step) after every update, and
     interrupt -> state saved, InterruptProcessingException (resume with resume_from='latest')."""
-    pbar, st = comfy.utils.ProgressBar(steps), {"interrupted": False, "spikes": 0, "said": 0.0}
+    steps, every = trainer.config.steps, trainer.config.checkpoint_every
+    pbar, st = comfy.utils.ProgressBar(steps), {"interrupted": False, "said": 0.0}
     pbar.update_absolute(trainer.step, steps)
 
     def callback(step, loss, lr_now, rate):
-        spikes = trainer.guard.spikes if trainer.guard is not None else st["spikes"] + (not math.isfinite(loss))
-        for key, v in (("step", step), ("loss", loss), ("lr", lr_now)):
-            history[key].append(v)
-        if spikes > st["spikes"]:
-            history["spikes"].append(step)
-        st["spikes"] = spikes
+        job.record(trainer, step, loss, lr_now)
         if on_step is not None:
             on_step(step)
-        if checkpoint_every and step % checkpoint_every == 0:
-            save_history(state_dir, history)
+        if every and step % every == 0:
+            job.save()
         text = f"step {step}/{steps}  loss {loss:.4f}  lr {lr_now:.3g}  {rate:.2f} it/s"
         if time.time() - st["said"] > 1.0 or step == steps:
             st["said"] = time.time()
@@ -115,111 +136,108 @@ def drive(trainer, node: str, stem: str, steps: int, state_dir: Path, history: d
     try:
         trainer.train(callback)
     finally:
-        save_history(state_dir, history)
+        job.save()
     if st["interrupted"]:
         log.warning("%s: interrupted at step %d; resume with resume_from='latest' (state in %s)", node,
-                    trainer.step, state_dir)
+                    trainer.step, job.state_dir)
         raise mm.InterruptProcessingException()
 
 
-def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_size: int, lr: float, warmup: int,
-          schedule: str, optimizer: str, grad_accum: int, clip_grad_norm: float, precision: str,
-          gradient_checkpointing: bool, caption_dropout: float, t_sampling: str, spike_guard: bool, seed: int,
-          checkpoint_every: int, keep_last: int, resume_from: str = "", clip=None, vae=None,
-          preview_prompts: str = "", preview_every: int = 0, preview_steps: int = 20, preview_cfg: float = 5.0,
-          preview_seed: int = 0, rank: int = 16, alpha: float = 16.0, dropout: float = 0.0, targets: str = "attn",
-          save_dtype: str = "bf16") -> io.NodeOutput:
+@dataclass(frozen=True)
+class PreviewSpec:
+    prompts: tuple = ()
+    every: int = 0
+    steps: int = 20
+    cfg: float = 5.0
+    seed: int = 0
+
+
+def run_config(kind: str, inputs: dict, state_dir: Path) -> tuple[TrainConfig, Optional[LoraSpec], PreviewSpec]:
+    """The node's inputs as the engine's typed run config (TrainConfig, LoRA, previews)."""
+    keys = ("steps", "batch_size", "lr", "warmup", "schedule", "optimizer", "grad_accum", "gradient_checkpointing",
+            "caption_dropout", "t_sampling", "spike_guard", "seed", "checkpoint_every", "keep_last")
+    cfg = TrainConfig(**{k: inputs[k] for k in keys}, clip_grad_norm=inputs["clip_grad_norm"] or None,
+                      precision=PRECISION[inputs["precision"]], output_dir=str(state_dir))
+    lora = (LoraSpec(inputs.get("rank", 16), inputs.get("alpha", 16.0), inputs.get("dropout", 0.0),
+                     inputs.get("targets", "attn")) if kind == "lora" else None)
+    prompts = tuple(p.strip() for p in (inputs.get("preview_prompts") or "").splitlines() if p.strip())
+    previews = PreviewSpec(prompts, inputs.get("preview_every", 0), inputs.get("preview_steps", 20),
+                           inputs.get("preview_cfg", 5.0), inputs.get("preview_seed", 0))
+    return cfg, lora, previews
+
+
+def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str = "", clip=None, vae=None,
+          save_dtype: str = "bf16", **inputs) -> io.NodeOutput:
     node = "OboroTrainLoRA" if kind == "lora" else "OboroTrainFull"
     dm = getattr(getattr(model, "model", None), "diffusion_model", None)
     if not isinstance(dm, MMHDiT):
         raise ValueError(f"{node} trains oboro models: connect a MODEL from OboroModelLoader, got {type(dm).__name__}")
-    if not (cache_dir or "").strip():
-        raise ValueError(f"{node}: cache_dir is empty; connect OboroCacheLatents' cache_dir output")
     config, fmt = dm.config, model.model.latent_format
     stem = output_name.strip().removesuffix(".safetensors")
     target = _inside(folder_paths.get_folder_paths("loras" if kind == "lora" else "diffusion_models")[0],
                      stem + ".safetensors")
     state_dir = _inside(Path(folder_paths.get_output_directory()) / STATE_ROOT, stem)
-    resume = resume_file(resume_from, state_dir)
-    if resume is None and list_checkpoints(state_dir):
-        raise ValueError(f"{node}: {state_dir} already holds training states of an earlier run; set resume_from to "
-                         "'latest' to continue it, or pick another output_name (or delete that folder)")
-    cache = LatentCache(cache_dir, transform=fmt.process_in)
-    if len(cache) == 0:
-        raise ValueError(f"{node}: the latent cache {cache_dir} is empty")
-    first = cache[0]
-    if first["latent"].shape[0] != config.in_channels or first["text"].shape[-1] != config.text_dim:
-        raise ValueError(f"{node}: the cache holds {first['latent'].shape[0]}-channel latents and "
-                         f"{first['text'].shape[-1]}-wide text states; this model takes {config.in_channels} and "
-                         f"{config.text_dim} (same VAE and T5 as the model?)")
+    cfg, lora, pv = run_config(kind, inputs, state_dir)
+    job = Job(state_dir, resume_from, node)
+    cache = open_node_cache(cache_dir, fmt, node)
+    check_cache_fits(cache, config, node)
     max_tokens = int(cache.settings.get("max_tokens", 256))
-    prompts = [p.strip() for p in (preview_prompts or "").splitlines() if p.strip()]
     previews = None
-    if preview_every > 0 and (clip is None or not prompts):
+    if pv.every > 0 and (clip is None or not pv.prompts):
         log.warning("%s: previews need a clip (T5) and preview_prompts; none will be rendered", node)
-    elif preview_every > 0:
-        previews = Previews(clip, prompts, first["latent"].shape, preview_steps, preview_cfg, preview_seed, max_tokens)
-    empty_text, empty_mask = encode_plain(clip, "", max_tokens) if clip is not None else (None, None)
+    elif pv.every > 0:
+        previews = Previews(clip, list(pv.prompts), cache[0]["latent"].shape, pv.steps, pv.cfg, pv.seed, max_tokens)
+    empty = (cache.empty_text, cache.empty_mask)  # T5("") as the cache's own T5 encoded it
+    if empty[0] is None and clip is not None:  # an older cache: encode it here
+        empty = encode_plain(clip, "", max_tokens)
     device = mm.get_torch_device()
     weights = _plain_weights(model, device, share=kind == "lora")
     mm.unload_all_models()
     mm.soft_empty_cache()
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, optimizer=optimizer,
-                      warmup=warmup, schedule=schedule, clip_grad_norm=clip_grad_norm or None,
-                      precision=PRECISION[precision], gradient_checkpointing=gradient_checkpointing,
-                      caption_dropout=caption_dropout, t_sampling=t_sampling, spike_guard=spike_guard, seed=seed,
-                      checkpoint_every=checkpoint_every, keep_last=keep_last, output_dir=str(state_dir))
-    amp, t0 = PRECISIONS[cfg.precision], time.time()
-    with torch.inference_mode(False), torch.enable_grad():
+    amp = PRECISIONS[cfg.precision]
+    with torch.inference_mode(False), torch.enable_grad(), seeded(cfg.seed):
         with torch.device("meta"):
             net = MMHDiT(config)
         weights = {k: weights[k] for k in net.state_dict() if k in weights}
         check_state_dict(net, weights, f"{node} input MODEL")
         net.load_state_dict(weights, strict=True, assign=True)
         del weights
-        if kind == "lora":
-            from ..oboro_model.training.lora import add_lora, save_lora
-            add_lora(net, rank=rank, alpha=alpha, dropout=dropout, targets=targets)
-        trainer = BucketTrainer(net, cache, cfg, empty_text=empty_text, empty_mask=empty_mask)
-        if resume is not None:
-            trainer.resume(resume)
-        start = trainer.step
-        history = load_history(resume, start)
+        trainer = build_trainer(net, cache, cfg, lora, empty=empty)
+        job.start(trainer)
 
         def on_step(step):
-            if previews is not None and step % preview_every == 0:
+            if previews is not None and step % pv.every == 0:
                 previews.render(net, step, device, amp)
 
-        drive(trainer, node, stem, steps, state_dir, history, checkpoint_every, on_step)
-        if previews is not None and trainer.step > start and previews.row_steps[-1:] != [trainer.step]:
+        drive(trainer, job, node, stem, on_step)
+        if previews is not None and trainer.step > job.start_step and previews.row_steps[-1:] != [trainer.step]:
             previews.render(net, trainer.step, device, amp)
         if trainer.schedule_free:
             trainer.optimizer.eval()  # export the averaged weights ScheduleFree evaluates with
         info = {"oboro_training": json.dumps({"kind": kind, "step": trainer.step, "cache_dir": str(cache.folder),
-                                              "items": len(cache), "lr": lr, "batch_size": batch_size,
-                                              "grad_accum": grad_accum, "optimizer": optimizer, "seed": seed})}
+                                              "items": len(cache), "lr": cfg.lr, "batch_size": cfg.batch_size,
+                                              "grad_accum": cfg.grad_accum, "optimizer": cfg.optimizer,
+                                              "seed": cfg.seed})}
         if kind == "lora":
+            from ..oboro_model.training.lora import save_lora
             save_lora(target, net, metadata=info)
         else:
             save_checkpoint(target, CastForSaving(net, SAVE_DTYPES[save_dtype]), metadata=info)
-        step, states = trainer.step, list_checkpoints(state_dir)
+        summary = job.summary(trainer, path=str(target), items=len(cache),
+                              preview_steps=previews.row_steps if previews is not None else [])
         trainer = net = None  # (the scheduler's lambdas make a cycle: collect before freeing the cache)
     gc.collect()
     mm.soft_empty_cache()
-    log.info("%s: saved %s after step %d", node, target, step)
+    log.info("%s: saved %s after step %d", node, target, summary["step"])
     if kind == "lora":
         lora_sd = comfy.utils.load_torch_file(str(target), safe_load=True)
         out_model = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)[0]
     else:
         out_model = load_oboro_model(str(target))
-    curve = loss_curve_image(history, f"{node}: {stem}")
+    curve = loss_curve_image(job.history, f"{node}: {stem}")
     images = previews.images(fmt, vae) if previews is not None else None
     if previews is not None and images is None:
         log.warning("%s: connect a VAE to decode the previews of a %d-channel model", node, config.in_channels)
-    summary = {"path": str(target), "state_dir": str(state_dir), "last_state": str(states[-1]) if states else None,
-               "start_step": start, "step": step, "items": len(cache), "spikes": len(history["spikes"]),
-               "final_loss": history["loss"][-1] if history["loss"] else None, "preview_steps":
-               previews.row_steps if previews is not None else [], "seconds": round(time.time() - t0, 1)}
     text = json.dumps(summary, indent=1)
     return io.NodeOutput(out_model, str(target), curve, images if images is not None else black_image(),
                          ui={"text": (text,)})
@@ -269,8 +287,9 @@ def schema(kind: str) -> io.Schema:
             io.Boolean.Input("gradient_checkpointing", default=not lora,
                              tooltip="Recompute block activations in the backward pass: less memory, ~30% slower."),
             io.Float.Input("caption_dropout", default=0.1, min=0.0, max=1.0, step=0.01,
-                           tooltip="Fraction of samples trained on the empty prompt (what CFG's negative uses; "
-                                   "T5('') when a clip is connected, else no text at all)."),
+                           tooltip="Fraction of samples trained on the empty prompt (what CFG's negative uses): "
+                                   "T5('') as stored in the cache (older caches: T5('') of the connected clip, "
+                                   "else no text at all)."),
             io.Combo.Input("t_sampling", options=list(T_SAMPLING), default="uniform",
                            tooltip="Distribution of training times t (logit_normal favours mid-path)."),
             io.Boolean.Input("spike_guard", default=True,

@@ -14,7 +14,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..oboro_model.data import OboroDataset, build_cache
+from ..oboro_model.data import OboroDataset, build_cache, default_latent_transform
 from ..oboro_model.data.cache import MANIFEST
 from ..oboro_model.data.dataset import POLICIES
 from .text_encoder import encode_text
@@ -163,8 +163,11 @@ class OboroCacheLatents(io.ComfyNode):
                     "t5_hash": fingerprint(clip.cond_stage_model, lora_patches(clip))}
         stats = {"truncated": 0}
         pbar = comfy.utils.ProgressBar(len(dataset))
+        # The latent format an oboro model for this VAE applies (the training nodes check it against
+        # their MODEL's latent_format; scripts/oboro-train applies it from the manifest).
+        transform = default_latent_transform(int(vae.latent_channels))
         report = build_cache(dataset, folder, vae_encoder(vae), clip_encoder(clip, max_tokens, stats), settings,
-                             progress=lambda done, total: pbar.update_absolute(done, total))
+                             progress=lambda done, total: pbar.update_absolute(done, total), transform=transform)
         summary = {"cache_dir": str(folder), "items": report["items"], "encoded": report["encoded"],
                    "reused": report["reused"], "skipped_count": len(report["skipped"]),
                    "captions_truncated": stats["truncated"], "buckets": [list(b) for b in dataset.buckets],

@@ -1,63 +1,22 @@
-"""Helpers of the training nodes (nodes/training.py): bucket-aware batching, resume paths, the loss
-log kept next to the training states, the loss-curve IMAGE, and preview images sampled from the
-model being trained with oboro's own ODE sampler (samplers.ode.sample), decoded after training."""
+"""Helpers of the training nodes (nodes/training.py; a run's files, resume point and loss log are
+the core's oboro_model/training/job.py): saving a cast checkpoint, the loss-curve IMAGE, and
+preview images sampled from the model being trained with oboro's own ODE sampler (samplers.ode.sample), decoded after training."""
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..oboro_model.training import Trainer, latest_checkpoint, list_checkpoints
 from ..samplers.ode import prepare_noise, sample
 from .text_encoder import encode_text
 
 log = logging.getLogger("oboro")
-LOSS_LOG = "loss_log.json"
 
 
-# ---- batching, saving, resuming ---------------------------------------------------------------
-class BucketTrainer(Trainer):
-    """A Trainer whose steps never mix aspect buckets (a step's samples and noise share one shape).
-    With several buckets an epoch is a seeded shuffle of whole steps: each bucket's shuffled indices
-    cut into runs of batch_size * grad_accum, the last run topped up from the bucket's start. With
-    one bucket it is the plain Trainer."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        groups: dict = {}
-        for i in range(len(self.dataset)):
-            groups.setdefault(tuple(self.dataset.bucket_of(i)), []).append(i)
-        self.groups = [groups[k] for k in sorted(groups)]
-
-    def _next_indices(self, n: int) -> list[int]:
-        if len(self.groups) < 2:
-            return super()._next_indices(n)
-        out: list[int] = []
-        while len(out) < n:  # every epoch's length is a multiple of n: a step is one whole run
-            if self.pos >= len(self.order):
-                self.order, self.pos = self._epoch_order(n), 0
-                self.epoch += 1
-            take = min(n - len(out), len(self.order) - self.pos)
-            out += self.order[self.pos:self.pos + take].tolist()
-            self.pos += take
-        return out
-
-    def _epoch_order(self, B: int) -> torch.Tensor:
-        runs = []
-        for idx in self.groups:
-            perm = torch.tensor(idx)[torch.randperm(len(idx), generator=self.data_gen)]
-            if len(perm) % B:
-                perm = torch.cat([perm, perm.repeat(B)[:B - len(perm) % B]])
-            runs += list(perm.split(B))
-        return torch.cat([runs[i] for i in torch.randperm(len(runs), generator=self.data_gen).tolist()])
-
-
+# ---- saving -------------------------------------------------------------------------------------
 class CastForSaving:
     """What save_checkpoint needs of a model (config, state_dict), with the weights cast."""
 
@@ -66,51 +25,6 @@ class CastForSaving:
 
     def state_dict(self):
         return {k: v.detach().to("cpu", self.dtype) for k, v in self.net.state_dict().items()}
-
-
-def resume_file(resume_from: str, state_dir: Path):
-    """None (fresh start), or the training-state file to resume from. 'latest' is the newest state
-    of this output_name (none yet: a fresh start); else a state file or folder, absolute or
-    relative to output/oboro_training."""
-    r = (resume_from or "").strip()
-    if not r:
-        return None
-    if r == "latest":
-        found = list_checkpoints(state_dir)
-        return found[-1] if found else None
-    p = Path(r)
-    return latest_checkpoint(p if p.is_absolute() else state_dir.parent / p)
-
-
-# ---- loss log -----------------------------------------------------------------------------------
-def new_history() -> dict:
-    return {"step": [], "loss": [], "lr": [], "spikes": [], "resumed_at": []}
-
-
-def load_history(state_file: Optional[Path], upto: int) -> dict:
-    """The loss log next to a resumed state, cut to the steps that state has seen."""
-    h = new_history()
-    if state_file is None:
-        return h
-    try:
-        old = json.loads((Path(state_file).parent / LOSS_LOG).read_text(encoding="utf-8"))
-        keep = [i for i, s in enumerate(old["step"]) if s <= upto]
-        h.update({k: [old[k][i] for i in keep] for k in ("step", "loss", "lr")})
-        h["spikes"] = [s for s in old.get("spikes", []) if s <= upto]
-        h["resumed_at"] = [s for s in old.get("resumed_at", []) if s <= upto]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        log.info("oboro training: no usable %s next to %s; the loss curve starts at step %d", LOSS_LOG,
-                 state_file, upto)
-    if upto:
-        h["resumed_at"].append(upto)
-    return h
-
-
-def save_history(state_dir: Path, history: dict) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / (LOSS_LOG + ".tmp")
-    tmp.write_text(json.dumps(history, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, state_dir / LOSS_LOG)
 
 
 # ---- images -------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Data-parallel training: `accelerate launch` of scripts/oboro-train with 2 CPU processes (gloo DDP)
-equals one process with the same global batch; the TOML config and the latent cache loader."""
+equals one process with the same global batch on a 2-bucket cache; the TOML config, the latent cache
+loader, and bucket-per-step batching with exact resume. (tests/test_train_equivalence.py does the same
+on a cache the OboroCacheLatents node wrote, against the training nodes.)"""
 from __future__ import annotations
 
 import os
@@ -10,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from oboro.oboro_model import MMHDiT, load_checkpoint, preset, save_checkpoint
-from oboro.oboro_model.training.distributed import build_model, load_cached_dataset, train_config
-from oboro.oboro_model.training.lora import add_lora, lora_state_dict
+from oboro.oboro_model.training.distributed import build_model, load_cached_dataset, lora_spec, train_config
+from oboro.oboro_model.training.lora import lora_state_dict
+from oboro.oboro_model.training.run import build_trainer
 from oboro.oboro_model.training.state import list_checkpoints
 from oboro.oboro_model.training.trainer import Trainer
 
@@ -26,20 +29,37 @@ K = 3  # optimiser steps
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+class Encoders:
+    """Deterministic stand-ins for a VAE (8x average pooling) and T5 (3..6 tokens by caption)."""
+
+    @staticmethod
+    def image(pixels):
+        return torch.nn.functional.avg_pool2d(pixels, 8) * 2 - 1
+
+    @staticmethod
+    def text(captions):
+        hidden = [torch.sin(torch.arange((3 + len(c) % 4) * 32, dtype=torch.float32) * (1 + len(c))).view(-1, 32)
+                  for c in captions]
+        return hidden, [torch.ones(h.shape[0], dtype=torch.long) for h in hidden]
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A latent cache in two files (12 samples, captions of 3..6 tokens) and a base checkpoint."""
+    """A 2-bucket latent cache (12 images, 80x48 and 64x64, written by build_cache) and a base
+    checkpoint."""
+    import numpy as np
+    from PIL import Image
+    from oboro.oboro_model.data import OboroDataset, build_cache
     d = tmp_path_factory.mktemp("ddp")
     g = torch.Generator().manual_seed(0)
-    sd = {}
+    rng = np.random.default_rng(0)
+    (d / "images").mkdir()
     for i in range(12):
-        L = 3 + i % 4
-        sd[f"latent_{i}"] = torch.randn(3, 8, 8, generator=g)
-        sd[f"text_{i}"] = torch.randn(L, 32, generator=g)
-        sd[f"text_mask_{i}"] = torch.ones(L)
-    (d / "cache").mkdir()
-    save_file({k: v for k, v in sd.items() if int(k.rsplit("_", 1)[1]) < 7}, str(d / "cache" / "a.safetensors"))
-    save_file({k: v for k, v in sd.items() if int(k.rsplit("_", 1)[1]) >= 7}, str(d / "cache" / "b.safetensors"))
+        h, w = (48, 80) if i % 2 else (64, 64)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / "images" / f"{i:02d}.png")
+        (d / "images" / f"{i:02d}.txt").write_text("word " * (1 + i))
+    ds = OboroDataset(d / "images", policy="stage2_area", area=64 * 64, max_aspect=2.0, multiple=16)
+    build_cache(ds, d / "cache", Encoders.image, Encoders.text, {"vae": "pool8", "t5": "sin"})
     model = MMHDiT(CFG)  # "pretrained": random everywhere, so the (DiT-zero-init) gates pass LoRA gradients
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05, generator=g)
@@ -83,9 +103,7 @@ def reference(d: Path, training: dict, lora: dict | None = None) -> Trainer:
     tc = train_config({"training": {**training, "batch_size": 2 * training["batch_size"]}, "_base_dir": str(d)}, None)
     torch.manual_seed(tc.seed)
     model = build_model("base.safetensors", d)
-    if lora:
-        add_lora(model, lora["rank"], lora["alpha"], lora.get("dropout", 0.0), lora["targets"])
-    tr = Trainer(model, load_cached_dataset(d / "cache"), tc)
+    tr = build_trainer(model, load_cached_dataset(d / "cache"), tc, lora_spec(lora) if lora else None)
     tr.train()
     return tr
 
@@ -115,15 +133,33 @@ def test_two_process_ddp_equals_one_process_global_batch(run_dir, kind):
 
 def test_config_and_cache_loader(run_dir, tmp_path):
     ds = load_cached_dataset(run_dir / "cache")
-    assert len(ds) == 12 and ds.empty_text is None
+    assert len(ds) == 12 and ds.empty_text is not None and ds.latent_transform["format"] == "identity"
+    assert {ds.bucket_of(i) for i in range(12)} == {(80, 48), (64, 64)}
     item = ds[11]
-    assert item["latent"].shape == (3, 8, 8) and item["text"].shape == (6, 32) and item["text_mask"].shape == (6,)
-    assert len(load_cached_dataset(run_dir / "cache" / "b.safetensors")) == 5
-    save_file({"latent_0": torch.zeros(3, 8, 8)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ValueError, match="latent_0 has no text_0"):
-        load_cached_dataset(tmp_path / "bad.safetensors")
+    assert item["latent"].shape == (3, 6, 10) and item["text"].shape[1] == 32
+    with pytest.raises(FileNotFoundError, match="not a latent cache folder"):
+        load_cached_dataset(tmp_path)
     with pytest.raises(ValueError, match=r"\[training\]: unknown keys \['stepz'\]"):
         train_config({"training": {"stepz": 3}, "_base_dir": "."}, None)
     assert isinstance(build_model({"preset": "tiny", "config": {"in_channels": 3}, "seed": 1}), MMHDiT)
     with pytest.raises(ValueError, match="either checkpoint or preset"):
         build_model({"preset": "tiny", "checkpoint": "x.safetensors"})
+
+
+def test_steps_never_mix_buckets_and_resume_exactly(run_dir, tmp_path):
+    """Every step (all its micro-batches and ranks) is one bucket; the order is seeded and a resumed
+    run continues with the same batches."""
+    from oboro.oboro_model.training import TrainConfig
+    ds = load_cached_dataset(run_dir / "cache")
+    torch.manual_seed(0)
+    tr = Trainer(MMHDiT(CFG), ds, TrainConfig(steps=4, batch_size=2, grad_accum=2, spike_guard=False))
+    steps = [tr._next_indices(4) for _ in range(9)]
+    assert all(len({ds.bucket_of(i) for i in s}) == 1 for s in steps), steps
+    assert set(sum(steps, [])) == set(range(12))
+    again = Trainer(MMHDiT(CFG), ds, TrainConfig(steps=4, batch_size=2, grad_accum=2, spike_guard=False))
+    assert [again._next_indices(4) for _ in range(9)] == steps
+    a = Trainer(MMHDiT(CFG), ds, TrainConfig(steps=4, batch_size=2, grad_accum=2, output_dir=str(tmp_path)))
+    a.train(until=2)
+    b = Trainer(MMHDiT(CFG), ds, TrainConfig(steps=4, batch_size=2, grad_accum=2))
+    b.resume(tmp_path)
+    assert [b._next_indices(4) for _ in range(3)] == [a._next_indices(4) for _ in range(3)]

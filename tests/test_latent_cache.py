@@ -53,7 +53,8 @@ def test_reuse_and_exact_invalidation(tmp_path):
     root, folder = write_images(tmp_path / "ds"), tmp_path / "cache"
     enc = FakeEncoders()
     r = build(OboroDataset(root, policy="fixed", size=32), folder, enc, shard_size=2)
-    assert (r["encoded"], r["reused"], r["skipped"]) == (5, 0, []) and enc.images == enc.texts == 5
+    assert (r["encoded"], r["reused"], r["skipped"]) == (5, 0, []) and enc.images == 5
+    assert enc.texts == 6  # the captions and, once, the empty prompt (kept while the settings are the same)
     assert sorted(p.name for p in folder.glob("shard_*")) == ["shard_00000.safetensors", "shard_00001.safetensors",
                                                               "shard_00002.safetensors"]
     enc = FakeEncoders()
@@ -113,6 +114,30 @@ def test_manifest_and_tensors(tmp_path):
         hidden, mask = ref.text([item["caption"]])
         assert torch.equal(got["text"], hidden[0][0]) and torch.equal(got["text_mask"], mask[0][0])
         assert got["caption"] == it["caption"] == item["caption"] and got["file"] == it["file"]
+    hidden, mask = ref.text([""])  # caption dropout's empty prompt, stored with the cache
+    assert torch.equal(cache.empty_text, hidden[0][0]) and torch.equal(cache.empty_mask, mask[0][0])
+    assert m["latent_transform"] == {"format": "identity", "scale": 1.0, "shift": 0.0}  # 3 channels: pixel space
+
+
+def test_latent_transform_is_recorded_and_applied(tmp_path, caplog):
+    """The manifest says how stored latents become model inputs; LatentCache(transform="manifest")
+    applies it; a cache without the record (older versions) falls back to oboro's rule by channel
+    count, with a warning."""
+    from oboro.oboro_model.data import latent_transform
+    root, folder = write_images(tmp_path / "ds", 2), tmp_path / "cache"
+    spec = latent_transform("Flux", 0.3611, 0.1159)
+    build(OboroDataset(root, policy="fixed", size=32), folder, FakeEncoders(), transform=spec)
+    raw, scaled = LatentCache(folder), LatentCache(folder, transform="manifest")
+    assert raw.latent_transform == spec
+    torch.testing.assert_close(scaled[1]["latent"], (raw[1]["latent"] - 0.1159) * 0.3611)
+    m = json.loads((folder / MANIFEST).read_text())
+    del m["latent_transform"], m["empty_prompt"]
+    (folder / MANIFEST).write_text(json.dumps(m))
+    old = LatentCache(folder, transform="manifest")
+    assert old.empty_text is None and "does not record its latent transform" in caplog.text
+    assert torch.equal(old[1]["latent"], raw[1]["latent"])  # 3 channels: identity
+    with pytest.raises(ValueError, match="transform must be"):
+        LatentCache(folder, transform="flux")
 
 
 def test_skips_and_failed_build_keeps_old_cache(tmp_path):

@@ -2,7 +2,8 @@
 text_dim 32), a tiny T5 and core's pixel_space VAE, trained a few steps on four images cached at 64x32 by
 OboroCacheLatents. The LoRA file equals the node's MODEL under core LoraLoaderModelOnly, the full
 checkpoint loads with OboroModelLoader, resume continues the step count, interrupt leaves a resumable
-state; plus bucket-homogeneous batches and the shipped training workflows' UI/API twins."""
+state; plus the shipped training workflows' UI/API twins. (Bucket-per-step batching is the core
+Trainer's: tests/test_ddp.py; node = CLI = DDP weights: tests/test_train_equivalence.py.)"""
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from oboro.oboro_model import MMHDiT, preset, save_checkpoint
-from oboro.oboro_model.training import TrainConfig, list_checkpoints
+from oboro.oboro_model.training import list_checkpoints
 
 TEXT_DIM = 32
 SUB = "train_nodes"
@@ -216,34 +217,6 @@ def test_interrupt_leaves_resumable_state(comfy, setup):
                           resume_from=str(state_dir), sample=False))
     assert (summary(res)["start_step"], summary(res)["step"]) == (2, 3)
     assert (comfy.models / "loras" / "tn_int.safetensors").is_file()
-
-
-def test_bucket_trainer_steps_never_mix_buckets():
-    from oboro.nodes.training import BucketTrainer
-
-    class TwoBuckets(torch.utils.data.Dataset):
-        shapes = [(4, 4)] * 3 + [(4, 6)] * 2
-
-        def __len__(self):
-            return 5
-
-        def bucket_of(self, i):
-            return self.shapes[i]
-
-        def __getitem__(self, i):
-            return {"latent": torch.randn(3, *self.shapes[i]), "text": torch.randn(2, TEXT_DIM),
-                    "text_mask": torch.ones(2)}
-
-    torch.manual_seed(0)
-    tr = BucketTrainer(MMHDiT(preset("tiny", in_channels=3, text_dim=TEXT_DIM)), TwoBuckets(),
-                       TrainConfig(steps=4, batch_size=2, grad_accum=2, spike_guard=False))
-    seen = []
-    for _ in range(6):  # a step (2 micro-batches of 2) draws its noise in one shape: one bucket per step
-        idx = tr._next_indices(4)
-        seen += idx
-        assert len({TwoBuckets.shapes[i] for i in idx}) == 1, idx
-    assert set(seen) == set(range(5))
-    assert all(np.isfinite(tr.train(until=2)))
 
 
 @pytest.mark.parametrize("name", ["oboro_lora_training", "oboro_full_finetune"])

@@ -46,3 +46,18 @@ def nearest_bucket(w: int, h: int, buckets: list[tuple[int, int]]) -> tuple[int,
         raise ValueError("empty bucket list")
     target = math.log(w / h)
     return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - target))
+
+
+def bucket_groups(dataset) -> list[list[int]]:
+    """The dataset's indices grouped by bucket (`bucket_of(i)`), buckets in sorted order, indices
+    ascending; one group when the dataset has no `bucket_of`. The one grouping every batcher uses."""
+    everything = [list(range(len(dataset)))]
+    if not hasattr(dataset, "bucket_of"):
+        return everything
+    groups: dict = {}
+    try:
+        for i in range(len(dataset)):
+            groups.setdefault(tuple(dataset.bucket_of(i)), []).append(i)
+    except AttributeError:  # a wrapper (e.g. MaskedLatents) forwarding bucket_of to data without it
+        return everything
+    return [groups[k] for k in sorted(groups)]

@@ -5,12 +5,23 @@ Layout of a cache folder:
                             "items": [{"file", "sha256", "image_sha256", "caption", "bucket",
                                        "shard", "key", "latent_shape", "text_len"}, ...], "skipped": [...]}
   shard_00000.safetensors  latent_<key> [C,h,w], text_<key> [L,D], text_mask_<key> [L]
+  empty_prompt.safetensors text [Le,D], text_mask [Le]: the text encoder's "" (caption dropout)
+The manifest also records (outside `settings`, so item hashes do not depend on them):
+  "latent_transform": {"format": name, "scale": s, "shift": f}: what turns a stored latent into
+      the model's input, (latent - shift) * scale (ComfyUI's latent_format.process_in);
+  "empty_prompt": "empty_prompt.safetensors".
+Every front end (training nodes, scripts/oboro-train) reads a cache through LatentCache and so
+applies the same transform and the same empty prompt. Caches written before these fields (no
+"latent_transform"): transform="manifest" falls back to oboro's rule by channel count
+(default_latent_transform: 3 channels = pixel space, identity; otherwise FLUX's scale/shift) and
+says so in the log; without "empty_prompt", caption dropout drops to no tokens unless the front
+end supplies T5("") (the nodes do when a clip is connected).
 An item's `sha256` hashes its image bytes' sha256, its caption (quality tag included) and the
 encode settings (dataset policy/size/area/crop/seed, its bucket, plus the caller's VAE name and
 hash, T5 name and hash, max_tokens). A rebuild re-encodes only items whose hash is not in the old
 manifest; the rest keep their shard, or are copied into new shards when fewer than half of an
 old shard's items are still used. New shards get unused numbers, every file is written to a
-temporary name then os.replace'd, the manifest last, and unreferenced shards are deleted after
+temporary name then os.replace'd (oboro_model/atomic.py), the manifest last, and unreferenced shards are deleted after
 it: an interrupted build leaves the previous cache intact. Latents are stored exactly as the
 encoder returned them (for a ComfyUI VAE: raw VAE.encode output, before latent_format.process_in).
 """
@@ -18,18 +29,49 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import re
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..atomic import atomic_write, save_safetensors
+
+logger = logging.getLogger(__name__)
 FORMAT, VERSION = "oboro-latent-cache", 1
 MANIFEST = "manifest.json"
+EMPTY_PROMPT = "empty_prompt.safetensors"
 SHARD_RE = re.compile(r"^shard_(\d{5,})\.safetensors$")
+# ComfyUI's latent_formats.Flux (what an oboro model with a 16-channel VAE uses); tests check they agree.
+FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
+
+
+def latent_transform(name: str, scale: float = 1.0, shift: float = 0.0) -> dict:
+    """The manifest's record of a latent format: model input = (latent - shift) * scale."""
+    return {"format": str(name), "scale": float(scale), "shift": float(shift)}
+
+
+def default_latent_transform(channels: int) -> dict:
+    """oboro's latent format by channel count (as its ComfyUI model picks it): the fallback for
+    caches that do not record one."""
+    return latent_transform("identity") if channels == 3 else latent_transform("Flux", FLUX_SCALE, FLUX_SHIFT)
+
+
+class ScaleShift:
+    """A recorded latent transform as a callable (picklable, for DataLoader workers)."""
+
+    def __init__(self, spec: dict):
+        self.spec, self.scale, self.shift = dict(spec), float(spec["scale"]), float(spec["shift"])
+
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.scale == 1.0 and self.shift == 0.0:
+            return latent
+        return (latent - self.shift) * self.scale
+
+    def __repr__(self) -> str:
+        return f"ScaleShift({self.spec})"
 
 
 def item_hash(image_sha256: str, caption: str, settings: dict) -> str:
@@ -45,14 +87,8 @@ def read_manifest(folder) -> Optional[dict]:
     return m if isinstance(m, dict) and m.get("format") == FORMAT and m.get("version") == VERSION else None
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, "utf-8"))
 
 
 def _squeeze(t: torch.Tensor, dims: int) -> torch.Tensor:
@@ -66,17 +102,46 @@ def _squeeze(t: torch.Tensor, dims: int) -> torch.Tensor:
 
 class LatentCache(torch.utils.data.Dataset):
     """A cache folder as the Trainer's map-style dataset: {"latent": [C,h,w], "text": [L,D],
-    "text_mask": [L], "caption": str, "file": str}. `transform(latent)` (e.g. a latent format's
-    scale and shift) is applied on read. Shards are memory-mapped lazily."""
+    "text_mask": [L], "caption": str, "file": str}; the one reader of the format, for every front
+    end. `transform`: None reads latents as stored; "manifest" applies the recorded latent
+    transform (or the documented fallback for old caches); a callable is applied as given.
+    `empty_text` / `empty_mask`: the stored encoding of "" (None in old caches). Shards are
+    memory-mapped lazily."""
 
-    def __init__(self, folder, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    def __init__(self, folder, transform: Union[None, str, Callable[[torch.Tensor], torch.Tensor]] = None):
         self.folder = Path(folder)
         m = read_manifest(self.folder)
         if m is None:
             raise FileNotFoundError(f"{self.folder}: no oboro latent cache here ({MANIFEST} missing or not "
                                     f"format {FORMAT} v{VERSION}); build one with build_cache / OboroCacheLatents")
         self.settings, self.items, self.skipped = m["settings"], m["items"], m.get("skipped", [])
-        self.transform, self._handles = transform, {}
+        self.latent_transform: Optional[dict] = m.get("latent_transform")
+        self._handles: dict = {}
+        if transform == "manifest":
+            transform = ScaleShift(self.resolved_transform())
+        elif isinstance(transform, str):
+            raise ValueError(f"transform must be None, 'manifest' or a callable, got {transform!r}")
+        self.transform = transform
+        self.empty_text = self.empty_mask = None
+        if m.get("empty_prompt"):
+            path = self.folder / m["empty_prompt"]
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    self.empty_text, self.empty_mask = f.get_tensor("text"), f.get_tensor("text_mask")
+            except Exception as e:  # noqa: BLE001 - name the file and what is wrong with it
+                raise ValueError(f"{path}: the cache's empty-prompt encoding is unreadable ({type(e).__name__}: "
+                                 f"{e}); rebuild the cache with OboroCacheLatents") from e
+
+    def resolved_transform(self) -> dict:
+        """The recorded latent transform, or (old cache) oboro's rule for its channel count."""
+        if self.latent_transform is not None:
+            return self.latent_transform
+        channels = int(self.items[0]["latent_shape"][0]) if self.items else 3
+        spec = default_latent_transform(channels)
+        logger.warning("%s: the cache does not record its latent transform (written before it did); assuming "
+                       "%s for %d-channel latents. Rebuild it with OboroCacheLatents to record it.",
+                       self.folder, spec, channels)
+        return spec
 
     def __getstate__(self):  # DataLoader workers reopen shards themselves
         return {**self.__dict__, "_handles": {}}
@@ -114,7 +179,7 @@ class _ShardWriter:
     def flush(self) -> None:
         if self.pending:
             tensors, name = self.pending, f"shard_{self.next:05d}.safetensors"
-            _atomic_write(self.folder / name, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+            save_safetensors(self.folder / name, tensors, {"format": FORMAT})
             self.names.append(name)
             self.pending, self.next = {}, self.next + 1
 
@@ -136,18 +201,38 @@ def _valid_old_items(folder: Path, manifest: Optional[dict]) -> tuple[dict, dict
     return out, {shard: len(k) // 3 for shard, k in keys.items()}
 
 
+def _write_empty_prompt(folder: Path, encode_text: Callable, previous: Optional[dict], settings: dict) -> None:
+    """Store encode_text("") unless the previous build stored it with the same encoder settings."""
+    if previous and previous.get("empty_prompt") == EMPTY_PROMPT and previous.get("settings") == settings:
+        try:
+            with safe_open(str(folder / EMPTY_PROMPT), framework="pt") as f:
+                if {"text", "text_mask"} <= set(f.keys()):
+                    return
+        except Exception:  # noqa: BLE001 - missing or damaged: encode it again
+            pass
+    hidden, masks = encode_text([""])
+    empty = _squeeze(hidden[0], 2)
+    mask = _squeeze(masks[0], 1) if masks is not None else torch.ones(empty.shape[0], dtype=torch.long)
+    save_safetensors(folder / EMPTY_PROMPT, {"text": empty, "text_mask": mask}, {"format": FORMAT})
+
+
 def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, settings: dict,
                 shard_size: int = 256, batch_size: int = 8,
-                progress: Optional[Callable[[int, int], None]] = None) -> dict:
+                progress: Optional[Callable[[int, int], None]] = None,
+                transform: Optional[dict] = None) -> dict:
     """Encode `dataset` (an OboroDataset, or anything with source(i), settings(), __getitem__)
     into `folder`. encode_image(pixels [B,3,H,W] in [0,1]) -> latents [B,C,h,w];
     encode_text(list of captions) -> (hidden states, masks), each a [B,...] tensor or a list of
-    per-caption [L,D] / [L] tensors (a leading 1 is squeezed). `settings` (JSON-serialisable) name
-    the encoders. Returns {"encoded", "reused", "skipped": [{file, reason}], "items", "folder"}."""
+    per-caption [L,D] / [L] tensors (a leading 1 is squeezed); it also encodes "" once, stored as
+    the empty prompt. `settings` (JSON-serialisable) name the encoders. `transform`
+    (latent_transform(...)) records the latent format the latents are meant for (default: oboro's
+    rule for their channel count). Returns {"encoded", "reused", "skipped": [{file, reason}],
+    "items", "folder"}."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base = {**dataset.settings(), **settings}
-    old, totals = _valid_old_items(folder, read_manifest(folder))
+    previous = read_manifest(folder)
+    old, totals = _valid_old_items(folder, previous)
     existing = [int(m.group(1)) for p in folder.iterdir() if (m := SHARD_RE.match(p.name))]
     writer = _ShardWriter(folder, max(existing, default=-1) + 1, shard_size)
     skipped = list(getattr(dataset, "report", []))
@@ -202,11 +287,15 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
         shard, key, shape, text_len = done[h]
         items.append({**src, "sha256": h, "shard": shard, "key": key, "latent_shape": shape, "text_len": text_len})
     writer.flush()
-    manifest = {"format": FORMAT, "version": VERSION, "settings": base, "items": items, "skipped": skipped}
-    _atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1), "utf-8"))
+    _write_empty_prompt(folder, encode_text, previous, base)
+    if transform is None:
+        transform = default_latent_transform(int(items[0]["latent_shape"][0]) if items else 3)
+    manifest = {"format": FORMAT, "version": VERSION, "settings": base, "latent_transform": dict(transform),
+                "empty_prompt": EMPTY_PROMPT, "items": items, "skipped": skipped}
+    _write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     used = {it["shard"] for it in items}
     for p in folder.iterdir():
-        if (SHARD_RE.match(p.name) and p.name not in used) or p.name.endswith(".safetensors.tmp"):
-            p.unlink(missing_ok=True)
+        if (SHARD_RE.match(p.name) and p.name not in used) or (p.name.startswith(".") and p.name.endswith(".tmp")):
+            p.unlink(missing_ok=True)  # (temp files: only a killed build leaves them)
     return {"encoded": encoded, "reused": len(items) - encoded, "skipped": skipped, "items": len(items),
             "folder": str(folder)}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .buckets import AREA_TOLERANCE, area_buckets, nearest_bucket
+from .buckets import AREA_TOLERANCE, area_buckets, bucket_groups, nearest_bucket
 from .sources import Entry, open_image, scan
 
 POLICIES = ("stage1_256", "stage2_area", "fixed")
@@ -118,23 +118,22 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     `bucket_of(i)` (OboroDataset, LatentCache). Each epoch shuffles every bucket's indices and the
     order of the batches with random.Random(f"{seed}/{epoch}"): the same seed and epoch give the
     same batches. The epoch advances by one after each complete pass; `set_epoch` sets it.
-    Without drop_last, a bucket's last batch may be smaller."""
+    Without drop_last, a bucket's last batch may be smaller. (For a DataLoader; the Trainer draws
+    whole steps from one bucket itself, see oboro_model/training/batching.py.)"""
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, drop_last: bool = False, shuffle: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.seed, self.drop_last, self.shuffle, self.epoch = batch_size, seed, drop_last, shuffle, 0
-        self.groups: dict = {}
-        for i in range(len(dataset)):
-            self.groups.setdefault(tuple(dataset.bucket_of(i)), []).append(i)
+        self.groups = bucket_groups(dataset)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def batches(self, epoch: int) -> list[list[int]]:
         rng, out = random.Random(f"{self.seed}/{epoch}"), []
-        for key in sorted(self.groups):
-            idx = list(self.groups[key])
+        for group in self.groups:
+            idx = list(group)
             if self.shuffle:
                 rng.shuffle(idx)
             for s in range(0, len(idx), self.batch_size):
@@ -151,4 +150,4 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         r = (lambda n: n // self.batch_size) if self.drop_last else (lambda n: math.ceil(n / self.batch_size))
-        return sum(r(len(v)) for v in self.groups.values())
+        return sum(r(len(v)) for v in self.groups)

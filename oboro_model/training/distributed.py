@@ -16,7 +16,9 @@ CONFIG.toml (relative paths are relative to the file):
     # checkpoint = "base.safetensors" # fine-tune: start from these weights (instead of preset)
 
     [data]
-    path = "cache"                    # a .safetensors latent cache file or a folder of them
+    path = "cache"                    # a latent cache folder written by OboroCacheLatents (or
+                                      # build_cache): its manifest's latent transform and empty
+                                      # prompt are applied as the training nodes apply them
 
     [training]                        # any TrainConfig field; batch_size is per process
     steps = 1000
@@ -32,16 +34,17 @@ CONFIG.toml (relative paths are relative to the file):
     [output]
     dir = "runs/my-run"               # training states (step_*.safetensors) and the final export
     name = "model"                    # final file <dir>/<name>.safetensors (LoRA default "lora")
-    resume = true                     # continue from the newest state in dir, if any
+    resume = true                     # continue from the newest state in dir, if any (false: refuse
+                                      # to start over an earlier run's states, as the nodes do)
     log_every = 10
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -52,7 +55,10 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import PRESETS, OboroConfig, preset
 from ..model import MMHDiT
-from .state import list_checkpoints
+from ..data import LatentCache
+from ..data.cache import MANIFEST
+from .run import LoraSpec, build_trainer, check_cache_fits, open_cache
+from .job import Job
 from .trainer import LocalProcess, Trainer, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -64,63 +70,14 @@ MODEL_KEYS = ("preset", "config", "seed", "checkpoint")
 
 
 # ---- data ---------------------------------------------------------------------------------------
-class CachedLatents(torch.utils.data.Dataset):
-    """Map-style dataset over safetensors files holding `latent_<i>` [C,H,W], `text_<i>` [L,D] and
-    optionally `text_mask_<i>` [L] (plus optional `empty_text` [Le,D] / `empty_text_mask`: the
-    empty-prompt encoding caption dropout uses). Tensors are read lazily from the mmap'd files."""
-
-    KEY = re.compile(r"^latent_(\d+)$")
-
-    def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-        self.files, self._handles = [str(f) for f in files], {}
-        self.index: list[tuple[int, int, bool]] = []  # (file, i, has text_mask_i)
-        self.empty_text = self.empty_mask = None
-        for fi, f in enumerate(self.files):
-            with safe_open(f, framework="pt", device="cpu") as h:
-                keys = set(h.keys())
-                ids = sorted(int(m.group(1)) for k in keys if (m := self.KEY.match(k)))
-                missing = [i for i in ids if f"text_{i}" not in keys]
-                if missing:
-                    raise ValueError(f"{f}: latents without text, e.g. latent_{missing[0]} has no text_{missing[0]}")
-                self.index += [(fi, i, f"text_mask_{i}" in keys) for i in ids]
-                if self.empty_text is None and "empty_text" in keys:
-                    self.empty_text = h.get_tensor("empty_text")
-                    self.empty_mask = h.get_tensor("empty_text_mask") if "empty_text_mask" in keys else None
-        if not self.index:
-            raise ValueError(f"no latent_<i> tensors in {self.files}")
-
-    def _handle(self, fi: int):
-        from safetensors import safe_open
-        if fi not in self._handles:
-            self._handles[fi] = safe_open(self.files[fi], framework="pt", device="cpu")
-        return self._handles[fi]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, n: int) -> dict:
-        fi, i, has_mask = self.index[n]
-        h = self._handle(fi)
-        text = h.get_tensor(f"text_{i}")
-        mask = h.get_tensor(f"text_mask_{i}") if has_mask else torch.ones(text.shape[0])
-        return {"latent": h.get_tensor(f"latent_{i}"), "text": text, "text_mask": mask}
-
-    def __getstate__(self):  # handles are per process
-        return {**self.__dict__, "_handles": {}}
-
-
-def load_cached_dataset(path):
-    """The pre-encoded training set at `path` (a .safetensors file or a folder of them). The one
-    seam to the data format: swap this function for another cache layout."""
+def load_cached_dataset(path) -> LatentCache:
+    """The latent cache folder at `path` (written by OboroCacheLatents or build_cache), read with
+    its recorded latent transform and empty prompt: the same reader the training nodes use."""
     p = Path(path)
-    if (p / "manifest.json").is_file():  # a cache written by OboroCacheLatents / build_cache
-        from ..data import LatentCache
-        return LatentCache(p)
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
-    if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"{p}: no .safetensors latent cache found")
-    return CachedLatents(files)
+    if not (p / MANIFEST).is_file():
+        raise FileNotFoundError(f"{p}: not a latent cache folder (no {MANIFEST}); write one with the "
+                                "OboroCacheLatents node or oboro_model.data.build_cache")
+    return open_cache(p, what="[data]")
 
 
 # ---- distributed hooks --------------------------------------------------------------------------
@@ -197,6 +154,12 @@ def build_model(spec: Union[str, Mapping[str, Any]], base_dir=".") -> MMHDiT:
     return MMHDiT(config).initialize_weights(gen)
 
 
+def lora_spec(table: Mapping) -> LoraSpec:
+    targets = table.get("targets", "attn")
+    return LoraSpec(int(table.get("rank", 16)), None if table.get("alpha") is None else float(table["alpha"]),
+                    float(table.get("dropout", 0.0)), targets if isinstance(targets, str) else tuple(targets))
+
+
 def train_config(cfg: Mapping, output_dir: Optional[Path]) -> TrainConfig:
     training = dict(cfg.get("training", {}))
     _check_keys("training", training, [f.name for f in dataclasses.fields(TrainConfig)])
@@ -227,7 +190,8 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     if lora is not None:
         _check_keys("lora", lora, LORA_KEYS)
     if "data" not in cfg or "path" not in cfg["data"]:
-        raise ValueError("[data]: needs `path` (a latent cache .safetensors file or folder)")
+        raise ValueError("[data]: needs `path` (a latent cache folder written by OboroCacheLatents)")
+    _check_keys("data", cfg["data"], ("path",))
     if "model" not in cfg:
         raise ValueError("config needs `model` (a preset name or checkpoint path, or a [model] table)")
 
@@ -241,15 +205,14 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     # weights), and the saved torch RNG state is then valid for every rank on resume.
     torch.manual_seed(tc.seed)
     model = build_model(cfg["model"], base)
-    if lora is not None:
-        from .lora import add_lora
-        add_lora(model, int(lora.get("rank", 16)), lora.get("alpha"), float(lora.get("dropout", 0.0)),
-                 lora.get("targets", "attn"))
-    model.to(accelerator.device)
     data = load_cached_dataset(_path(base, cfg["data"]["path"]))
-    tr = Trainer(model, data, tc, empty_text=data.empty_text, empty_mask=data.empty_mask, dist=dist)
-    if out.get("resume", True) and tc.output_dir and list_checkpoints(tc.output_dir):
-        tr.resume(tc.output_dir)
+    check_cache_fits(data, model.config, "[data]")
+    spec = None if lora is None else lora_spec(lora)
+    tr = build_trainer(model.to(accelerator.device), data, tc, spec, dist=dist)
+    job = None
+    if tc.output_dir:  # the nodes' bookkeeping: resume point, loss_log.json, summary
+        job = Job(tc.output_dir, "latest" if out.get("resume", True) else "", "oboro-train", is_main=dist.is_main)
+        job.start(tr)
     if dist.is_main:
         logger.info("training %s on %d samples: %d process(es) x batch %d x accum %d = global batch %d, "
                     "%d trainable tensors, step %d -> %d", "LoRA" if lora is not None else "all weights",
@@ -258,14 +221,25 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     every, t0 = int(out.get("log_every", 10)), time.perf_counter()
 
     def log(step, loss, lr, rate):
+        if job is not None:
+            job.record(tr, step, loss, lr)
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                job.save()
         if dist.is_main and every > 0 and (step % every == 0 or step == tc.steps):
             logger.info("step %d/%d  loss %.5f  lr %.3g  %.2f it/s  (%.0f s)", step, tc.steps, loss, lr, rate,
                         time.perf_counter() - t0)
 
-    losses = tr.train(log)
+    try:
+        losses = tr.train(log)
+    finally:
+        if job is not None:
+            job.save()
     exported = export(tr, out_dir, out.get("name"), lora is not None) if out_dir is not None else []
     dist.barrier()
-    return {"step": tr.step, "losses": losses, "export": exported}
+    summary = job.summary(tr, export=[str(p) for p in exported]) if job is not None else {}
+    if summary and dist.is_main:
+        logger.info("summary: %s", json.dumps(summary))
+    return {"step": tr.step, "losses": losses, "export": exported, "summary": summary}
 
 
 def export(tr: Trainer, out_dir: Path, name: Optional[str], is_lora: bool) -> list[Path]:

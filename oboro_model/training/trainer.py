@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .batching import DataOrder
 from .loss import T_SAMPLING, caption_dropout_mask, drop_captions, icfm_loss, sample_t
 from .optim import EMA, LRSchedule, build_optimizer, build_scheduler, is_schedule_free
 from .spike_guard import SpikeGuard
@@ -125,7 +126,8 @@ class Trainer:
     (mask control, oboro_model/mask_control.py) get them batched as forward(..., mask_labels=,
     mask_keep=) with each sample's mask dropped with p = mask_dropout. optimizer/scheduler/guard default to
     the ones `config` describes; a supplied scheduler must apply guard.lr_scale itself.
-    `empty_text` [Le, D] (+ `empty_mask`) is the empty-prompt embedding used for caption dropout."""
+    `empty_text` [Le, D] (+ `empty_mask`) is the empty-prompt embedding used for caption dropout.
+    A dataset with `bucket_of(i)` (LatentCache) is batched so that every step is one bucket."""
 
     def __init__(self, model: torch.nn.Module, dataset, config: TrainConfig, optimizer=None, scheduler=None,
                  guard: Optional[SpikeGuard] = None, empty_text: Optional[torch.Tensor] = None,
@@ -158,23 +160,20 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
         self.data_gen = torch.Generator().manual_seed(c.seed)
         self.noise_gen = torch.Generator().manual_seed(c.seed + 0x5EED)
-        self.order, self.epoch, self.pos, self.step = torch.zeros(0, dtype=torch.long), 0, 0, 0
+        self.data_order, self.step = DataOrder(dataset, self.data_gen), 0
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self._saved_step: Optional[int] = None
         self._committing = False
 
-    # ---- data -----------------------------------------------------------------------------------
+    # ---- data ---------------------------------------------------------------------------------------
+    # The data order (batching.py) lives in `data_order`; order / epoch / pos are its saved state.
+    order = property(lambda self: self.data_order.order, lambda self, v: setattr(self.data_order, "order", v))
+    epoch = property(lambda self: self.data_order.epoch, lambda self, v: setattr(self.data_order, "epoch", v))
+    pos = property(lambda self: self.data_order.pos, lambda self, v: setattr(self.data_order, "pos", v))
+
     def _next_indices(self, n: int) -> list[int]:
-        """The next n dataset indices; a fresh seeded permutation per epoch (batches may span two)."""
-        out: list[int] = []
-        while len(out) < n:
-            if self.pos >= len(self.order):
-                self.order, self.pos = torch.randperm(len(self.dataset), generator=self.data_gen), 0
-                self.epoch += 1
-            take = min(n - len(out), len(self.order) - self.pos)
-            out += self.order[self.pos:self.pos + take].tolist()
-            self.pos += take
-        return out
+        """The next n dataset indices: one step, never mixing aspect buckets (see batching.py)."""
+        return self.data_order.take(n)
 
     def _snapshot(self):
         return self.order, self.epoch, self.pos, self.data_gen.get_state(), self.noise_gen.get_state()

@@ -1,0 +1,105 @@
+"""A training run's bookkeeping, shared by every front end (the training nodes, the mask-adapter
+node, scripts/oboro-train): where its states live, what it resumes from (and refusing to mix a
+fresh start into an earlier run's states), the loss log kept next to the states, and the summary.
+Pure Python / JSON; the nodes add only ComfyUI's progress bar, interrupt and images on top."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..atomic import atomic_write
+from .state import latest_checkpoint, list_checkpoints
+
+logger = logging.getLogger(__name__)
+LOSS_LOG = "loss_log.json"
+
+
+def resume_file(resume_from: str, state_dir: Path) -> Optional[Path]:
+    """None (fresh start), or the training-state file to resume from. 'latest' is the newest state
+    in `state_dir` (none yet: a fresh start); else a state file or folder, absolute or relative to
+    state_dir's parent."""
+    r = (resume_from or "").strip()
+    if not r:
+        return None
+    if r == "latest":
+        found = list_checkpoints(state_dir)
+        return found[-1] if found else None
+    p = Path(r)
+    return latest_checkpoint(p if p.is_absolute() else Path(state_dir).parent / p)
+
+
+def new_history() -> dict:
+    return {"step": [], "loss": [], "lr": [], "spikes": [], "resumed_at": []}
+
+
+def load_history(state_file: Optional[Path], upto: int) -> dict:
+    """The loss log next to a resumed state, cut to the steps that state has seen."""
+    h = new_history()
+    if state_file is None:
+        return h
+    try:
+        old = json.loads((Path(state_file).parent / LOSS_LOG).read_text(encoding="utf-8"))
+        keep = [i for i, s in enumerate(old["step"]) if s <= upto]
+        h.update({k: [old[k][i] for i in keep] for k in ("step", "loss", "lr")})
+        h["spikes"] = [s for s in old.get("spikes", []) if s <= upto]
+        h["resumed_at"] = [s for s in old.get("resumed_at", []) if s <= upto]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        logger.info("oboro training: no usable %s next to %s; the loss curve starts at step %d", LOSS_LOG,
+                    state_file, upto)
+    if upto:
+        h["resumed_at"].append(upto)
+    return h
+
+
+def save_history(state_dir: Path, history: dict) -> None:
+    text = json.dumps(history, allow_nan=True)
+    atomic_write(Path(state_dir) / LOSS_LOG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), fsync=False)
+
+
+class Job:
+    """One run: `Job(state_dir, resume_from, what)` picks the resume point (or refuses a fresh
+    start over an earlier run's states); `start(trainer)` resumes and loads the loss log;
+    `record(...)` after every update; `save()` writes the loss log (main process only);
+    `summary()` is what the front ends report."""
+
+    def __init__(self, state_dir, resume_from: str = "", what: str = "training", is_main: bool = True):
+        self.state_dir, self.what, self.is_main = Path(state_dir), what, is_main
+        self.resume = resume_file(resume_from, self.state_dir)
+        if self.resume is None and list_checkpoints(self.state_dir):
+            raise ValueError(f"{what}: {self.state_dir} already holds training states of an earlier run; set "
+                             "resume_from to 'latest' ([output] resume = true) to continue it, or pick another "
+                             "output name (or delete that folder)")
+        self.history, self.start_step, self.t0, self._spikes = new_history(), 0, time.time(), 0
+
+    def start(self, trainer) -> None:
+        if self.resume is not None:
+            trainer.resume(self.resume)
+        self.start_step = trainer.step
+        self.history = load_history(self.resume, trainer.step)
+        self._spikes = trainer.guard.spikes if trainer.guard is not None else 0
+
+    def record(self, trainer, step: int, loss: float, lr: float) -> None:
+        """Append one update to the loss log; a spike the guard caught (or a non-finite loss) is marked."""
+        h = self.history
+        spikes = trainer.guard.spikes if trainer.guard is not None else self._spikes + (not math.isfinite(loss))
+        for key, v in (("step", step), ("loss", loss), ("lr", lr)):
+            h[key].append(v)
+        if spikes > self._spikes:
+            h["spikes"].append(step)
+        self._spikes = spikes
+
+    def save(self) -> None:
+        if self.is_main:
+            save_history(self.state_dir, self.history)
+
+    def summary(self, trainer, **extra) -> dict:
+        states = list_checkpoints(self.state_dir)
+        h = self.history
+        return {"state_dir": str(self.state_dir), "last_state": str(states[-1]) if states else None,
+                "start_step": self.start_step, "step": trainer.step, "spikes": len(h["spikes"]),
+                "final_loss": h["loss"][-1] if h["loss"] else None, **extra,
+                "seconds": round(time.time() - self.t0, 1)}
