@@ -9,6 +9,7 @@ from .loader import OboroModelLoader
 from .mask_control import OboroApplyMaskControl, OboroMaskAdapterLoader
 from .mask_training import OboroTrainMaskAdapter
 from .sampling import EmptyOboroLatentImage, OboroFlowScheduler, OboroSampler, SamplerOboroICFM
+from .step_cache import OboroTaylorCache
 from .text_encoder import OboroT5Loader, OboroTextEncode
 from .training import OboroTrainFull, OboroTrainLoRA
 from .training_data import OboroCacheLatents
@@ -18,6 +19,6 @@ class OboroExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [OboroModelLoader, OboroT5Loader, OboroTextEncode,
-                OboroSampler, OboroFlowScheduler, SamplerOboroICFM, EmptyOboroLatentImage,
+                OboroSampler, OboroFlowScheduler, SamplerOboroICFM, EmptyOboroLatentImage, OboroTaylorCache,
                 OboroCacheLatents, OboroTrainLoRA, OboroTrainFull,
                 OboroMaskAdapterLoader, OboroApplyMaskControl, OboroTrainMaskAdapter]

@@ -3,6 +3,8 @@ points): EasyCache, LazyCache, SkipLayerGuidanceDiT, ("double_block", i) block p
 TorchCompileModel, LoRA, and all of them stacked on mask control. Model work is counted as block
 forwards (a global forward pre-hook observing model.Block by name: ComfyUI imports this package
 under its own module name; nothing is replaced)."""
+import contextlib
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -159,18 +161,19 @@ def test_torch_compile_model_samples(comfy, models, plain, one_thread):
     assert (compiled - ref).abs().max() <= 1e-4
 
 
-def test_everything_stacks_on_mask_control(comfy, models, tmp_path):
-    """Mask control + LoRA + EasyCache or LazyCache + SkipLayerGuidanceDiT on one MODEL."""
+@contextlib.contextmanager
+def with_mask_control(comfy, folder):
+    """Yields with_mask(*patches): graph() with a random mask adapter applied right after the loader."""
     import folder_paths
     from oboro.oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, save_mask_adapter
-    folder_paths.add_model_folder_path("oboro_mask_adapters", str(tmp_path), is_default=True)
+    folder_paths.add_model_folder_path("oboro_mask_adapters", str(folder), is_default=True)
     try:
         mcd = MaskControlDiT(tiny_dit(), MaskAdapterConfig(num_labels=2, image_rank=4))
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for p in mcd.trainable_parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        save_mask_adapter(tmp_path / "core_mask.safetensors", mcd)
+        save_mask_adapter(folder / "core_mask.safetensors", mcd)
 
         def with_mask(*patches):
             g = graph(*patches)
@@ -180,7 +183,14 @@ def test_everything_stacks_on_mask_control(comfy, models, tmp_path):
                                                                          "strength": 1.0, "mask": ["m0s", 0]}}
             g["m1"]["inputs"]["model"] = ["mc", 0]
             return g
+        yield with_mask
+    finally:
+        folder_paths.folder_names_and_paths["oboro_mask_adapters"][0].remove(str(folder))
 
+
+def test_everything_stacks_on_mask_control(comfy, models, tmp_path):
+    """Mask control + LoRA + EasyCache or LazyCache + SkipLayerGuidanceDiT on one MODEL."""
+    with with_mask_control(comfy, tmp_path) as with_mask:
         lora_only, lora_calls = run_counted(comfy, with_mask(LORA_NODE))
         masked, _ = run_counted(comfy, graph(LORA_NODE))
         assert (lora_only - masked).abs().max() > 1e-3  # the mask changes the result
@@ -192,5 +202,3 @@ def test_everything_stacks_on_mask_control(comfy, models, tmp_path):
             stacked, calls = run_counted(comfy, with_mask(LORA_NODE, cache(3.0), slg(3.0)))
             print(f"mask + LoRA + {cache.__name__} + SLG: block forwards", calls, "vs", lora_calls)
             assert torch.isfinite(stacked).all() and calls < lora_calls
-    finally:
-        folder_paths.folder_names_and_paths["oboro_mask_adapters"][0].remove(str(tmp_path))
