@@ -6,6 +6,9 @@ weights, base Linear + LoRA (rank 8) on attn.qkv/out and SwiGLU w1/w2/w3, so the
 the blocks as in MDiTFace (norm weights shared; the last block only needs qkv). Own LoRA, not
 peft: peft patches a Linear for all tokens, here one Linear serves text/image plain and mask
 adapted. Trainable: mask embedder + LoRAs; the base is frozen in place (requires_grad_(False)).
+The block maths is the base's own model.Block: the LoRAs enter as a per-token-range linear
+(`_lin`), the cached static stream as Block's ext_kv, and every image-stream block goes through
+the base's run_block, so block patches (ComfyUI's patches_replace) apply under mask control too.
 
 Mask embedding "onehot_patch" (the only one built, instead of MDiTFace's VAE pass): one-hot labels
 averaged over each latent pixel (label area fractions), pixel-unshuffled by patch_size like the

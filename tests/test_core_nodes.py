@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from oboro.oboro_model import save_checkpoint
 from tiny import TEXT_DIM, save_t5, tiny_dit, tiny_t5
 
-DIT, T5, LORA, STEPS = "core_tiny.safetensors", "core_tiny_t5.safetensors", "core_tiny_lora.safetensors", 20
+DIT, T5, LORA, STEPS = "core_tiny.safetensors", "core_tiny_t5.safetensors", "core_tiny_lora.safetensors", 12
 DEPTH = 4  # the tiny preset
 
 

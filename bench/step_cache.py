@@ -1,0 +1,140 @@
+"""OboroTaylorCache against core EasyCache / LazyCache and the uncached run (the baseline), all on
+the trained offline-demo model in one process.
+
+12 prompts (the demo's 9 held-out + 3 seen) x 2 seeds, core KSampler euler 30 steps cfg 3, 32x32
+pixel space. Per run: full model forwards (forwards of the last block, which runs only on a full
+call), wall time per image / baseline's, PSNR and SSIM (scikit-image) of the final images against
+the uncached ones. Also TorchCompileModel vs eager (time ratio, compile excluded). Writes a contact
+sheet (rows: prompts; columns: uncached, then each run) to --sheet.
+
+    .venv/bin/python bench/step_cache.py [--demo out/demo] [--sheet docs/step_cache.png]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import oboro_env  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--demo", default=str(REPO / "out" / "demo"), help="an oboro-demo output folder")
+p.add_argument("--seeds", type=int, default=2)
+p.add_argument("--steps", type=int, default=30)
+p.add_argument("--threads", type=int, default=1)
+p.add_argument("--sheet", default=str(REPO / "out" / "step_cache.png"))
+p.add_argument("--no-compile", action="store_true")
+a = p.parse_args()
+models = Path(a.demo) / "models"
+if not (models / "diffusion_models" / "oboro-demo.safetensors").is_file():
+    sys.exit(f"no trained demo model in {models}: run scripts/oboro-demo --out {a.demo} first")
+
+oboro_env.add_comfy_to_path()
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity  # noqa: E402
+
+oboro_env.import_oboro()
+from oboro.oboro_model import demo_data as dd  # noqa: E402
+from oboro.runner import demo, embedded  # noqa: E402
+
+torch.set_num_threads(a.threads)
+embedded.start(cpu=True, model_dirs={k: str(models / k) for k in ("diffusion_models", "text_encoders", "vae")})
+import nodes as comfy_nodes  # noqa: E402  (ComfyUI's)
+
+N = comfy_nodes.NODE_CLASS_MAPPINGS
+base = N["OboroModelLoader"].execute("oboro-demo.safetensors", "fp32")[0]
+clip = N["OboroT5Loader"].execute(t5_name=demo.T5_FILE)[0]
+vae = N["VAELoader"]().load_vae("pixel_space")[0]
+neg = N["OboroTextEncode"].execute(clip=clip, text="")[0]
+control = [("circle", "red", "white", "center"), ("square", "blue", "black", "left"),
+           ("triangle", "yellow", "gray", "right")]
+prompts = demo.held_out_prompts() + control
+conds = [N["OboroTextEncode"].execute(clip=clip, text=dd.caption(*c))[0] for c in prompts]
+
+
+def taylor(order, warmup, max_forecasts, threshold):
+    return ("OboroTaylorCache", (order, warmup, max_forecasts, threshold, 0.0, 1.0))
+
+
+RUNS = {"uncached": None,
+        "taylor fixed o2 w3 f2": taylor(2, 3, 2, 0.0),
+        "taylor fixed o2 w3 f3": taylor(2, 3, 3, 0.0),
+        "taylor fixed o2 w3 f4": taylor(2, 3, 4, 0.0),
+        "taylor gated o2 w3 0.05": taylor(2, 3, 6, 0.05),
+        "taylor gated o2 w3 0.10": taylor(2, 3, 6, 0.10),
+        "taylor gated o2 w3 0.20": taylor(2, 3, 6, 0.20),
+        "EasyCache 0.05": ("EasyCache", (0.05, 0.15, 0.95, False)),
+        "EasyCache 0.10": ("EasyCache", (0.10, 0.15, 0.95, False)),
+        "EasyCache 0.20 (default)": ("EasyCache", (0.2, 0.15, 0.95, False)),
+        "LazyCache 0.05": ("LazyCache", (0.05, 0.15, 0.95, False)),
+        "LazyCache 0.10": ("LazyCache", (0.10, 0.15, 0.95, False)),
+        "LazyCache 0.20 (default)": ("LazyCache", (0.2, 0.15, 0.95, False))}
+if not a.no_compile:
+    RUNS["TorchCompileModel (inductor)"] = ("TorchCompileModel", ("inductor",))
+last_block = base.model.diffusion_model.blocks[-1]
+
+
+def sample(model):
+    full = []
+    hook = last_block.register_forward_pre_hook(lambda m, _: full.append(1))
+    images = []
+    try:
+        for pos in conds:
+            for seed in range(a.seeds):
+                lat = {"samples": torch.zeros(1, 3, 32, 32)}
+                s = comfy_nodes.common_ksampler(model, seed, a.steps, 3.0, "euler", "simple", pos, neg, lat)
+                images.append(vae.decode(s[0]["samples"])[0].clamp(0, 1).numpy())
+    finally:
+        hook.remove()
+    return images, len(full)
+
+
+def warm(model):  # pays one-off costs (compilation, first-call allocations) outside the timing
+    comfy_nodes.common_ksampler(model, 0, 2, 3.0, "euler", "simple", conds[0], neg,
+                                {"samples": torch.zeros(1, 3, 32, 32)})
+
+
+results = {}
+for name, spec in RUNS.items():
+    model = base if spec is None else N[spec[0]].execute(base, *spec[1])[0]
+    warm(model)
+    t0 = time.perf_counter()
+    images, full = sample(model)
+    results[name] = (images, full, (time.perf_counter() - t0) / len(images))
+
+ref, ref_full, ref_time = results["uncached"]
+rows = []
+print(f"\n{len(prompts)} prompts x {a.seeds} seeds, core KSampler euler {a.steps} steps cfg 3, demo model {models}")
+print("| run | full forwards | speed-up (forwards) | time vs uncached | PSNR dB | SSIM |\n|---|---|---|---|---|---|")
+for name, (images, full, seconds) in results.items():
+    psnr = np.mean([peak_signal_noise_ratio(r, i, data_range=1.0) if not np.array_equal(r, i) else 100.0
+                    for r, i in zip(ref, images)])
+    ssim = np.mean([structural_similarity(r, i, data_range=1.0, channel_axis=-1, win_size=7)
+                    for r, i in zip(ref, images)])
+    rows.append((name, full, ref_full / full, seconds / ref_time, psnr, ssim))
+    print(f"| {name} | {full}/{ref_full} | {ref_full / full:.2f}x | {seconds / ref_time:.2f}x | {psnr:.1f} | {ssim:.3f} |")
+
+tay = [r for r in rows if r[0].startswith("taylor")]
+good = [r for r in tay if r[4] >= 30.0]
+best = max(good, key=lambda r: r[2]) if good else max(tay, key=lambda r: r[4])
+core = [r for r in rows if r[0].startswith(("EasyCache", "LazyCache")) and r[1] <= best[1]]
+q = max((r[4] for r in core), default=float("nan"))
+print(f"taylor: full forwards {best[1]}/{ref_full} (speed-up {best[2]:.2f} x), PSNR {best[4]:.1f} dB; "
+      f"best core cache at <= {best[1]} forwards: PSNR {q:.1f} dB   [{best[0]}]")
+
+names = list(results)
+tile, n_show = 64, 6
+sheet = Image.new("RGB", (tile * len(names), tile * n_show), "white")
+for col, name in enumerate(names):
+    for row in range(n_show):
+        img = (results[name][0][row * a.seeds] * 255).round().astype(np.uint8)
+        sheet.paste(Image.fromarray(img).resize((tile, tile), Image.Resampling.NEAREST), (col * tile, row * tile))
+Path(a.sheet).parent.mkdir(parents=True, exist_ok=True)
+sheet.save(a.sheet)
+print("contact sheet (columns: " + ", ".join(names) + "):", a.sheet)
