@@ -71,6 +71,10 @@ class OboroComfyDiT(MMHDiT):
         self.dtype = dtype
 
     def forward(self, x, timesteps, context, attention_mask=None, transformer_options={}, **kwargs):
+        # BaseModel hands us the sampler's own latent when no dtype cast is needed (fp32) and reads
+        # it again afterwards (calculate_denoised); core EasyCache's wrapper adds its cached diff
+        # into x in place, which then corrupts that read. A latent-sized copy keeps wrappers safe.
+        x = x.clone()
         return comfy.patcher_extension.WrapperExecutor.new_class_executor(
             self._forward, self,
             comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
