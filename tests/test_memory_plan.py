@@ -1,0 +1,62 @@
+"""The memory planner (oboro_model/training/memory.py) against measured peaks: each case trains
+two steps of a small model in a process of its own (tests/memory_probe.py: peak RSS over the
+baseline after a warm-up, glibc told to return freed tensors to the OS) and the plan's total must
+be within 15 % of it. CPU only; full and LoRA, gradient checkpointing on and off, two shapes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROBE = Path(__file__).with_name("memory_probe.py")
+# hidden 384 x depth 4 (~8 M parameters) and a pixel-space hidden 256 x depth 6, at 32x32 latents
+# (256 image tokens + 16 text + BOS), batch 2: tens to hundreds of MiB, far above RSS noise.
+WIDE = dict(in_channels=4, hidden_size=384, depth=4, heads=[2, 4, 4, 8], mlp_hidden=1024, text_dim=64, adaln_dim=128)
+DEEP = dict(in_channels=3, hidden_size=256, depth=6, heads=[2, 2, 4, 4, 8, 8], mlp_hidden=640, text_dim=48,
+            adaln_dim=128)
+CASES = {
+    "full": dict(config=WIDE, lora=None, checkpointing=False),
+    "full-checkpointing": dict(config=WIDE, lora=None, checkpointing=True),
+    "lora-attn-checkpointing": dict(config=WIDE, lora={"rank": 8, "targets": "attn"}, checkpointing=True),
+    "lora-all": dict(config=DEEP, lora={"rank": 4, "targets": "all"}, checkpointing=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_matches_measured_peak(case):
+    spec = dict(CASES[case], batch=2, latent=32, text=16, precision="no", optimizer="adamw")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, str(PROBE), json.dumps(spec)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = r["plan"] / r["measured"]
+    mib = {k: round(v / 2 ** 20, 1) for k, v in r.items()}
+    assert 0.85 <= ratio <= 1.15, f"{case}: plan / measured = {ratio:.3f} ({mib} MiB)"
+
+
+def test_plan_terms_for_the_real_model():
+    """The 1B model's plan, checked term by term against parameter counts (no measurement)."""
+    from oboro.oboro_model.training.memory import plan_memory
+    from oboro.oboro_model.training.run import LoraSpec
+    full = plan_memory("oboro-base-1b", None, "adamw", "bf16", batch_size=1, height=512, gradient_checkpointing=True)
+    n = full.params
+    assert full.trainable == n and 1.0e9 < n < 1.2e9
+    assert (full.weights, full.gradients, full.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert full.tokens == 1 + 256 + 32 * 32
+    assert full.total == full.weights + full.optimizer + max(full.activations, full.gradients + full.step)
+    eight = plan_memory("oboro-base-1b", None, "adamw8bit", "bf16", gradient_checkpointing=True)
+    assert eight.optimizer == 2 * n and eight.total < full.total
+    lora = plan_memory("oboro-base-1b", LoraSpec(16, targets="attn"), "adamw", "bf16", gradient_checkpointing=True)
+    assert lora.trainable == 32 * 16 * (1536 + 3 * 1536 + 1536 + 1536)
+    assert lora.total < eight.total
+    half = plan_memory("oboro-base-1b", LoraSpec(16, targets="attn"), "adamw", "bf16", base_dtype="bf16",
+                       gradient_checkpointing=True)
+    assert half.weights < 0.51 * lora.weights
+    no_ckpt = plan_memory("oboro-base-1b", LoraSpec(16, targets="attn"), "adamw", "bf16")
+    assert no_ckpt.activations > 5 * lora.activations
+    assert "total (peak)" in lora.table()
