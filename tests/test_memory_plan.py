@@ -60,3 +60,45 @@ def test_plan_terms_for_the_real_model():
     no_ckpt = plan_memory("oboro-base-1b", LoraSpec(16, targets="attn"), "adamw", "bf16")
     assert no_ckpt.activations > 5 * lora.activations
     assert "total (peak)" in lora.table()
+
+
+def test_cli_plan_reads_the_cache(tmp_path):
+    """`scripts/oboro-train --plan` on a checkpoint + a 2-bucket cache written by build_cache: it
+    prints the plan for the cache's largest latent and longest text, and trains nothing."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from oboro.oboro_model import MMHDiT, save_checkpoint
+    from oboro.oboro_model.config import preset
+    from oboro.oboro_model.data import OboroDataset, build_cache
+    from oboro.oboro_model.training.memory import GiB, plan_memory
+    from oboro.oboro_model.training.run import LoraSpec
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        h, w = (48, 80) if i % 2 else (64, 64)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        (tmp_path / "images" / f"{i}.txt").write_text("word " * (1 + i))
+
+    def text(captions):  # 3..6 tokens of width 32 (the tiny preset's T5 width)
+        hidden = [torch.ones(3 + len(c) % 4, 32) for c in captions]
+        return hidden, [torch.ones(h.shape[0], dtype=torch.long) for h in hidden]
+
+    ds = OboroDataset(tmp_path / "images", policy="stage2_area", area=64 * 64, max_aspect=2.0, multiple=16)
+    build_cache(ds, tmp_path / "cache", lambda px: torch.nn.functional.avg_pool2d(px, 8), text, {})
+    cfg = preset("tiny", in_channels=3)
+    save_checkpoint(tmp_path / "base.safetensors", MMHDiT(cfg))
+    (tmp_path / "cfg.toml").write_text('model = "base.safetensors"\n[data]\npath = "cache"\n[training]\nbatch_size = 2\n'
+                                       'gradient_checkpointing = true\n[lora]\nrank = 4\ntargets = "all"\n'
+                                       '[output]\ndir = "run"\n')
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([str(repo / "scripts" / "oboro-train"), "--plan", str(tmp_path / "cfg.toml"), "--device",
+                          "cpu"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    texts = [len(c) for c in ("word " * (1 + i) for i in range(4))]
+    want = plan_memory(cfg, LoraSpec(4, targets="all"), batch_size=2, gradient_checkpointing=True, device="cpu",
+                       latent_size=(8, 8), text_tokens=max(3 + n % 4 for n in texts))
+    assert f"batch 2 x {want.tokens} tokens" in out.stdout, out.stdout
+    total = next(line for line in out.stdout.splitlines() if "total (peak)" in line)
+    assert total.endswith(f"{want.total / 2 ** 20:.3f} MiB"), out.stdout
+    assert not (tmp_path / "run").exists()

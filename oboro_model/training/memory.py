@@ -17,7 +17,8 @@ is only built on the meta device, to count parameters). What it counts, in bytes
   the blocks (embedders, final layer, loss) c·N·hidden. Plus backward's working set inside one
   block (gradients of its intermediates, 4·N·(2·hidden + 2·mlp_hidden)). With gradient
   checkpointing a block keeps only its fp32 input (4·N·hidden) and one block at a time is
-  recomputed with all of its activations. a, b, c were fitted to the bytes autograd saves
+  recomputed with all of its activations (autocast still caches the half copies of all trainable
+  weights until the forward pass ends). a, b, c were fitted to the bytes autograd saves
   (saved-tensor hooks) for models of several widths, depths and token counts (CPU, SDPA's flash
   kernel: no N² attention matrix; a padded prompt on a GPU kernel without mask support would add
   B·heads·N² per block);
@@ -93,17 +94,20 @@ class MemoryPlan:
         rows += [("activations", self.activations), ("optimizer step temporaries", self.step),
                  ("total (peak)", self.total)]
         w = max(len(r[0]) for r in rows)
-        lines = [head] + [f"  {name:<{w}}  {b / GiB:9.3f} GiB" for name, b in rows]
+        unit, div = ("GiB", GiB) if self.total >= GiB else ("MiB", 2 ** 20)
+        lines = [head] + [f"  {name:<{w}}  {b / div:9.3f} {unit}" for name, b in rows]
         lines.append("  (not counted: CUDA context and workspaces ~0.5-1 GiB, allocator fragmentation)")
         return "\n".join(lines)
 
     def line(self) -> str:
         """One log line."""
-        return (f"memory plan: total {self.total / GiB:.2f} GiB = weights {self.weights / GiB:.2f} + grads "
-                f"{self.gradients / GiB:.2f} + optimizer {self.optimizer / GiB:.2f} + EMA {self.ema / GiB:.2f} + "
-                f"activations {self.activations / GiB:.2f} (step temporaries {self.step / GiB:.2f}; peak is the "
-                f"larger of activations and grads + step) [{self.settings['model']}, batch "
-                f"{self.settings['batch_size']} x {self.tokens} tokens]")
+        unit, div = ("GiB", GiB) if self.total >= GiB else ("MiB", 2 ** 20)
+        f = lambda b: f"{b / div:.2f}"  # noqa: E731
+        s = self.settings
+        return (f"memory plan ({s['model']}, batch {s['batch_size']} x {self.tokens} tokens, {s['precision']}, "
+                f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}): peak {f(self.total)} {unit} = "
+                f"weights {f(self.weights)} + optimizer {f(self.optimizer)} + EMA {f(self.ema)} + the larger of "
+                f"activations {f(self.activations)} and gradients {f(self.gradients)} + step {f(self.step)}")
 
 
 def _dtype(d: Union[None, str, torch.dtype]) -> torch.dtype:
@@ -147,7 +151,8 @@ def plan_memory(config: Union[str, OboroConfig], lora=None, optimizer: str = "ad
     """The memory of one training run (module docstring). `config`: an OboroConfig or preset name;
     `lora`: a LoraSpec (run.py) or None for full training; `precision`: TrainConfig's no | bf16 |
     fp16 (autocast); `base_dtype`: storage dtype of the weights (fp32 today; bf16 / fp8 for a
-    frozen LoRA base); height/width in pixels (latent = pixels / 8, tokens = latent / patch), or
+    frozen LoRA base); height/width in pixels (latent = pixels / 8, or = pixels for a 3-channel
+    pixel-space model; tokens = latent / patch), or
     `latent_size` (h, w) in latent cells (e.g. a pixel-space model's latents); `device`: "cuda"
     (foreach optimiser temporaries) or "cpu"."""
     cfg = preset(config) if isinstance(config, str) else config
@@ -157,7 +162,8 @@ def plan_memory(config: Union[str, OboroConfig], lora=None, optimizer: str = "ad
     if precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"unknown precision {precision!r}; choose one of no, bf16, fp16")
     width = height if width is None else width
-    lh, lw = latent_size if latent_size is not None else (height // VAE_FACTOR, width // VAE_FACTOR)
+    f = 1 if cfg.in_channels == 3 else VAE_FACTOR  # 3 channels: a pixel-space model
+    lh, lw = latent_size if latent_size is not None else (height // f, width // f)
     p = cfg.patch_size
     tokens = 1 + text_tokens + (lh // p) * (lw // p)
     n, trainable, largest, cast = _count(cfg, lora)
@@ -182,8 +188,9 @@ def plan_memory(config: Union[str, OboroConfig], lora=None, optimizer: str = "ad
         fixed = BN * d * _ACT_CKPT_FIXED["full" if lora is None else "lora"]
         one = block + cast_bytes / cfg.depth + work  # the block being recomputed and back-propagated
         act = BN * d * 4 * cfg.depth + fixed + one
-        # The first block's backward runs with the other blocks' gradients already there.
-        backward = max(act, grads + fixed + one)
+        # The first block's backward runs with the other blocks' gradients already there. Autocast
+        # caches its half copies of trainable weights until the forward ends, checkpointed or not.
+        backward = max(act, grads + fixed + one, act + (cast_bytes if lora is None else 0))
     else:
         act = backward = cfg.depth * block + BN * c * d + cast_bytes + work
     if optimizer == "adamw8bit":
@@ -196,21 +203,27 @@ def plan_memory(config: Union[str, OboroConfig], lora=None, optimizer: str = "ad
     live = max(backward + (grads if grad_accum > 1 else 0), grads + step)
     total = weights + opt + ema_b + live
     settings = dict(model=name, lora_rank=0 if lora is None else lora.rank,
-                    lora_targets=None if lora is None else lora.targets, optimizer=optimizer, precision=precision,
-                    base_dtype=str(bdt).replace("torch.", ""), batch_size=batch_size, height=lh * VAE_FACTOR,
-                    width=lw * VAE_FACTOR, text_tokens=text_tokens, gradient_checkpointing=gradient_checkpointing,
+                    lora_targets=None if lora is None else lora.targets, optimizer=optimizer, precision={"no": "fp32"}.get(precision, precision),
+                    base_dtype=str(bdt).replace("torch.", ""), batch_size=batch_size, height=lh * f,
+                    width=lw * f, text_tokens=text_tokens, gradient_checkpointing=gradient_checkpointing,
                     grad_accum=grad_accum, device=device)
     return MemoryPlan(int(weights), int(grads), opt, ema_b, act, int(step), int(total), n, trainable, tokens, settings)
 
 
-def plan_for_training(config: OboroConfig, train_config, lora=None, latent_size: tuple[int, int] = (64, 64),
-                      text_tokens: int = 256, device: str = "cuda", base_dtype=None, name: Optional[str] = None
-                      ) -> MemoryPlan:
-    """plan_memory for a TrainConfig (trainer.py) on latents of `latent_size` (the largest bucket)."""
+def plan_for_training(config: OboroConfig, train_config, lora=None, cache=None, device: str = "cuda",
+                      latent_size: Optional[tuple[int, int]] = None, text_tokens: Optional[int] = None,
+                      base_dtype=None, name: Optional[str] = None) -> MemoryPlan:
+    """plan_memory for a TrainConfig (trainer.py) on a latent cache folder: its largest latent and
+    longest text, unless `latent_size` / `text_tokens` say otherwise (no cache: 512² pixels, 256
+    text tokens)."""
     tc = train_config
-    plan = plan_memory(config, lora, tc.optimizer, tc.precision, base_dtype, tc.batch_size,
-                       text_tokens=text_tokens, gradient_checkpointing=tc.gradient_checkpointing,
-                       grad_accum=tc.grad_accum, ema=bool(tc.ema_decay), device=device, latent_size=latent_size)
+    found, found_text = cache_shape(cache) if cache is not None else (None, None)
+    if latent_size is None:
+        latent_size = found or ((512, 512) if config.in_channels == 3 else (512 // VAE_FACTOR,) * 2)
+    text = text_tokens or found_text or 256
+    plan = plan_memory(config, lora, tc.optimizer, tc.precision, base_dtype, tc.batch_size, text_tokens=text,
+                       gradient_checkpointing=tc.gradient_checkpointing, grad_accum=tc.grad_accum,
+                       ema=bool(tc.ema_decay), device=device, latent_size=tuple(latent_size))
     if name:
         plan = dataclasses.replace(plan, settings={**plan.settings, "model": name})
     return plan
