@@ -139,8 +139,9 @@ def _count(config: OboroConfig, lora) -> tuple[int, int, int, int]:
     if lora is None:
         return base, base, max(p.numel() for p in net.parameters()), cast
     mods = dict(net.named_modules())
-    sizes = [lora.rank * (mods[n].in_features + mods[n].out_features) for n in resolve_targets(net, lora.targets)]
-    largest = max(lora.rank * max(mods[n].in_features, mods[n].out_features) for n in resolve_targets(net, lora.targets))
+    targets = [mods[n] for n in resolve_targets(net, lora.targets)]
+    sizes = [lora.rank * (m.in_features + m.out_features) for m in targets]
+    largest = max(lora.rank * max(m.in_features, m.out_features) for m in targets)
     return base + sum(sizes), sum(sizes), largest, cast
 
 
@@ -203,7 +204,8 @@ def plan_memory(config: Union[str, OboroConfig], lora=None, optimizer: str = "ad
     live = max(backward + (grads if grad_accum > 1 else 0), grads + step)
     total = weights + opt + ema_b + live
     settings = dict(model=name, lora_rank=0 if lora is None else lora.rank,
-                    lora_targets=None if lora is None else lora.targets, optimizer=optimizer, precision={"no": "fp32"}.get(precision, precision),
+                    lora_targets=None if lora is None else lora.targets, optimizer=optimizer,
+                    precision={"no": "fp32"}.get(precision, precision),
                     base_dtype=str(bdt).replace("torch.", ""), batch_size=batch_size, height=lh * f,
                     width=lw * f, text_tokens=text_tokens, gradient_checkpointing=gradient_checkpointing,
                     grad_accum=grad_accum, device=device)
