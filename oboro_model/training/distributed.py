@@ -61,6 +61,7 @@ from ..data import LatentCache
 from ..data.cache import MANIFEST
 from .run import LoraSpec, build_trainer, check_cache_fits, open_cache
 from .job import Job
+from .memory import log_plan
 from .trainer import LocalProcess, Trainer, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
         job = Job(tc.output_dir, "latest" if out.get("resume", True) else "", "oboro-train", is_main=dist.is_main)
         job.start(tr)
     if dist.is_main:
-        logger.info("%s", plan_from_config(cfg, "cuda" if accelerator.device.type == "cuda" else "cpu").line())
+        log_plan(logger, "oboro-train", model.config, tc, spec, data.folder, accelerator.device.type)
         logger.info("training %s on %d samples: %d process(es) x batch %d x accum %d = global batch %d, "
                     "%d trainable tensors, step %d -> %d", "LoRA" if lora is not None else "all weights",
                     len(data), dist.world_size, tc.batch_size, tc.grad_accum,

@@ -231,6 +231,14 @@ def plan_for_training(config: OboroConfig, train_config, lora=None, cache=None, 
     return plan
 
 
+def log_plan(log, what: str, config: OboroConfig, train_config, lora=None, cache=None, device: str = "cuda") -> None:
+    """Log a run's plan as one line at its start; a planner failure only warns (it never stops a run)."""
+    try:
+        log.info("%s: %s", what, plan_for_training(config, train_config, lora, cache, device).line())
+    except Exception as e:  # noqa: BLE001  (the plan is advice; training goes on without it)
+        log.warning("%s: no memory plan (%s: %s)", what, type(e).__name__, e)
+
+
 def cache_shape(folder) -> tuple[Optional[tuple[int, int]], Optional[int]]:
     """(largest latent (h, w), longest text) a latent cache's manifest lists; (None, None) if absent."""
     from ..data.cache import read_manifest
