@@ -34,6 +34,7 @@ from ..oboro_model.data import LatentCache, ScaleShift
 from ..oboro_model.training import StopTraining, TrainConfig
 from ..oboro_model.training.job import Job
 from ..oboro_model.training.loss import T_SAMPLING
+from ..oboro_model.training.memory import log_plan
 from ..oboro_model.training.optim import OPTIMIZERS, SCHEDULES
 from ..oboro_model.training.run import LORA_TARGETS, LoraSpec, build_trainer, check_cache_fits, open_cache, seeded
 from ..oboro_model.training.trainer import PRECISIONS
@@ -191,6 +192,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
     if empty[0] is None and clip is not None:  # an older cache: encode it here
         empty = encode_plain(clip, "", max_tokens)
     device = mm.get_torch_device()
+    log_plan(log, node, config, cfg, lora, cache.folder, device.type)
     weights = _plain_weights(model, device, share=kind == "lora")
     mm.unload_all_models()
     mm.soft_empty_cache()

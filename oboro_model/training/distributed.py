@@ -37,6 +37,8 @@ CONFIG.toml (relative paths are relative to the file):
     resume = true                     # continue from the newest state in dir, if any (false: refuse
                                       # to start over an earlier run's states, as the nodes do)
     log_every = 10
+
+`oboro-train --plan CONFIG.toml` prints the memory this run needs per process (memory.py) and exits.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ from ..data import LatentCache
 from ..data.cache import MANIFEST
 from .run import LoraSpec, build_trainer, check_cache_fits, open_cache
 from .job import Job
+from .memory import log_plan
 from .trainer import LocalProcess, Trainer, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -154,6 +157,48 @@ def build_model(spec: Union[str, Mapping[str, Any]], base_dir=".") -> MMHDiT:
     return MMHDiT(config).initialize_weights(gen)
 
 
+def model_config(spec: Union[str, Mapping[str, Any]], base_dir=".") -> tuple[OboroConfig, str]:
+    """(OboroConfig, display name) of what build_model would build, without building it (a
+    checkpoint's header or inferred shapes; its tensors are not read)."""
+    base = Path(base_dir)
+    if isinstance(spec, str):
+        spec = {"preset": spec} if spec in PRESETS else {"checkpoint": spec}
+    _check_keys("model", spec, MODEL_KEYS)
+    if "checkpoint" in spec:
+        from ..checkpoint import read_checkpoint
+        path = _path(base, spec["checkpoint"])
+        return read_checkpoint(path)[1], path.name
+    if "preset" not in spec:
+        raise ValueError("[model]: needs `preset` or `checkpoint`")
+    return preset(spec["preset"], **dict(spec.get("config", {}))), spec["preset"]
+
+
+def plan_from_config(cfg: Union[str, Path, Mapping], device: Optional[str] = None, resolution: Optional[int] = None,
+                     text_tokens: Optional[int] = None):
+    """The memory plan (memory.py) of the run a CONFIG.toml describes, per process: its model, [lora],
+    [training] and the largest latent / longest text of its [data] cache (`resolution` in pixels
+    overrides the cache, e.g. to plan before the cache exists)."""
+    from .memory import VAE_FACTOR, plan_for_training
+    if not isinstance(cfg, Mapping):
+        cfg = load_run_config(cfg)
+    base = Path(cfg.get("_base_dir", "."))
+    if "model" not in cfg:
+        raise ValueError("config needs `model` (a preset name or checkpoint path, or a [model] table)")
+    config, name = model_config(cfg["model"], base)
+    lora = cfg.get("lora")
+    if lora is not None:
+        _check_keys("lora", lora, LORA_KEYS)
+    tc = train_config(cfg, None)
+    latent = None
+    if resolution:
+        f = 1 if config.in_channels == 3 else VAE_FACTOR
+        latent = (resolution // f, resolution // f)
+    data = (cfg.get("data") or {}).get("path")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return plan_for_training(config, tc, None if lora is None else lora_spec(lora),
+                             None if data is None else _path(base, data), device, latent, text_tokens, name=name)
+
+
 def lora_spec(table: Mapping) -> LoraSpec:
     targets = table.get("targets", "attn")
     return LoraSpec(int(table.get("rank", 16)), None if table.get("alpha") is None else float(table["alpha"]),
@@ -214,6 +259,7 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
         job = Job(tc.output_dir, "latest" if out.get("resume", True) else "", "oboro-train", is_main=dist.is_main)
         job.start(tr)
     if dist.is_main:
+        log_plan(logger, "oboro-train", model.config, tc, spec, data.folder, accelerator.device.type)
         logger.info("training %s on %d samples: %d process(es) x batch %d x accum %d = global batch %d, "
                     "%d trainable tensors, step %d -> %d", "LoRA" if lora is not None else "all weights",
                     len(data), dist.world_size, tc.batch_size, tc.grad_accum,
@@ -275,7 +321,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="oboro-train", description="Train oboro (I-CFM) from a CONFIG.toml; run "
                                  "under `accelerate launch` for multi-GPU / multi-node DDP.")
     ap.add_argument("config", help="CONFIG.toml")
+    ap.add_argument("--plan", action="store_true", help="print the memory the run needs (per process: weights, "
+                    "gradients, optimizer state, activations) and exit without training")
+    ap.add_argument("--resolution", type=int, default=None, help="with --plan: image side in pixels to plan for "
+                    "(default: the largest latent in [data] path's cache, else 512)")
+    ap.add_argument("--text-tokens", type=int, default=None, help="with --plan: text length (default: the "
+                    "cache's longest, else 256)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="with --plan: the device to plan "
+                    "for (cuda: the optimiser step's foreach temporaries; default)")
     args = ap.parse_args(argv)
+    if args.plan:
+        print(plan_from_config(args.config, args.device, args.resolution, args.text_tokens).table())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     train_from_config(args.config)
     return 0
