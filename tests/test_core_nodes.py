@@ -88,9 +88,12 @@ def test_core_caches_skip_model_work_and_are_exact_when_off(comfy, models, plain
     ref, ref_calls = plain
     # Different prompt lengths: cond and uncond run as separate model calls, DEPTH blocks each.
     assert ref_calls == STEPS * 2 * DEPTH
-    cached, calls = run_counted(comfy, graph(cache(3.0)))
-    print(cache.__name__, "block forwards", calls, "of", ref_calls)
-    assert calls < ref_calls * 0.8 and torch.isfinite(cached).all()
+    cached, calls = run_counted(comfy, graph(cache(0.5)))
+    err = float((cached - ref).norm() / ref.norm())
+    print(cache.__name__, "block forwards", calls, "of", ref_calls, "relative error", err)
+    # Skipped calls reuse cached changes: close to the uncached result, not equal. (EasyCache adds
+    # into the model input in place; an fp32 run once turned that into noise, error ~1.)
+    assert calls < ref_calls * 0.8 and err < 0.4
     off, off_calls = run_counted(comfy, graph(cache(0.0)))  # threshold 0: never reuses
     assert off_calls == ref_calls
     assert (off - ref).abs().max() <= 1e-6
