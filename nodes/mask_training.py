@@ -33,6 +33,7 @@ from ..oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, Masked
 from ..oboro_model.training import TrainConfig, list_checkpoints
 from ..oboro_model.training.optim import SCHEDULES
 from .mask_control import FOLDER, IMAGE_RANK, MaskAdapter, MaskAdapterIO, _oboro_dm, parse_palette
+from .paths import free_target
 from .training import PRECISION, STATE_ROOT, _inside, _plain_weights, drive
 from .training_preview import BucketTrainer, encode_plain, load_history, loss_curve_image, resume_file
 
@@ -90,6 +91,9 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                              tooltip="Save a resumable training state every N steps (0: at the end and on interrupt)."),
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="'latest' continues this output_name's last state (after an interrupt too)."),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Replace an existing adapter of that name. Off: it is kept and the result "
+                                         "gets the next free name <output_name>_00001_ (see the path output)."),
                 io.Clip.Input("clip", optional=True, tooltip="Leave unconnected (recommended): a dropped text is no "
                               "tokens, and an empty prompt is read so when sampling. Connected (T5): a dropped "
                               "text is T5(\"\") as encoded; on the demo mask-only followed masks worse so."),
@@ -102,7 +106,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, cache_dir, mask_dir, output_name, steps, batch_size, lr, rank, image_rank, seed, num_labels,
                 condition_dropout: float, precision, palette="", warmup=0, schedule="constant", checkpoint_every=0,
-                resume_from="", clip=None) -> io.NodeOutput:
+                resume_from="", clip=None, overwrite=False) -> io.NodeOutput:
         node, t0 = "OboroTrainMaskAdapter", time.time()
         dm = _oboro_dm(model, node)
         stem = output_name.strip().removesuffix(".safetensors")
@@ -151,6 +155,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                 trainer.resume(resume)
             history = load_history(resume, trainer.step)
             drive(trainer, node, stem, steps, state_dir, history, checkpoint_every)
+            target = free_target(target, overwrite)
             save_mask_adapter(target, mcd)
             step = trainer.step
             mcd = net = trainer = None

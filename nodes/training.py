@@ -35,6 +35,7 @@ from ..oboro_model.training.loss import T_SAMPLING
 from ..oboro_model.training.optim import OPTIMIZERS, SCHEDULES
 from ..oboro_model.training.trainer import PRECISIONS
 from .comfy_model import load_oboro_model
+from .paths import confine, free_target
 from .training_preview import (BucketTrainer, CastForSaving, Previews, black_image, encode_plain, load_history,
                                loss_curve_image, resume_file, save_history)
 
@@ -46,11 +47,7 @@ LORA_TARGETS = ("attn", "mlp", "all")
 
 
 def _inside(root, name: str) -> Path:
-    root = Path(root).resolve()
-    path = (root / name).resolve()
-    if not name.strip() or not path.is_relative_to(root) or path == root:
-        raise ValueError(f"output_name {name!r} must be a plain name (or sub/path) inside {root}")
-    return path
+    return confine(root, name, "output_name", absolute_ok=False)
 
 
 def _send_text(text: str) -> None:
@@ -128,7 +125,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
           checkpoint_every: int, keep_last: int, resume_from: str = "", clip=None, vae=None,
           preview_prompts: str = "", preview_every: int = 0, preview_steps: int = 20, preview_cfg: float = 5.0,
           preview_seed: int = 0, rank: int = 16, alpha: float = 16.0, dropout: float = 0.0, targets: str = "attn",
-          save_dtype: str = "bf16") -> io.NodeOutput:
+          save_dtype: str = "bf16", overwrite: bool = False) -> io.NodeOutput:
     node = "OboroTrainLoRA" if kind == "lora" else "OboroTrainFull"
     dm = getattr(getattr(model, "model", None), "diffusion_model", None)
     if not isinstance(dm, MMHDiT):
@@ -179,7 +176,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
         del weights
         if kind == "lora":
             from ..oboro_model.training.lora import add_lora, save_lora
-            add_lora(net, rank=rank, alpha=alpha, dropout=dropout, targets=targets)
+            add_lora(net, rank=rank, alpha=alpha, dropout=dropout, targets=targets, seed=seed)
         trainer = BucketTrainer(net, cache, cfg, empty_text=empty_text, empty_mask=empty_mask)
         if resume is not None:
             trainer.resume(resume)
@@ -198,6 +195,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
         info = {"oboro_training": json.dumps({"kind": kind, "step": trainer.step, "cache_dir": str(cache.folder),
                                               "items": len(cache), "lr": lr, "batch_size": batch_size,
                                               "grad_accum": grad_accum, "optimizer": optimizer, "seed": seed})}
+        target = free_target(target, overwrite)
         if kind == "lora":
             save_lora(target, net, metadata=info)
         else:
@@ -285,6 +283,9 @@ def schema(kind: str) -> io.Schema:
             io.String.Input("resume_from", default="", optional=True,
                             tooltip="Empty: fresh start. 'latest': newest state of output_name (fresh if none). Or a "
                                     "state file/folder, absolute or relative to output/oboro_training."),
+            io.Boolean.Input("overwrite", default=False, optional=True,
+                             tooltip="Replace an existing file of that name. Off: an existing file is kept and the "
+                                     "result gets the next free name <output_name>_00001_ (see the path output)."),
             io.Clip.Input("clip", optional=True, tooltip="T5 from OboroT5Loader: previews and the empty prompt."),
             io.Vae.Input("vae", optional=True, tooltip="Decodes previews (not needed for pixel-space models)."),
             io.String.Input("preview_prompts", default="", multiline=True, optional=True,

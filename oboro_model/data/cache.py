@@ -10,8 +10,9 @@ encode settings (dataset policy/size/area/crop/seed, its bucket, plus the caller
 hash, T5 name and hash, max_tokens). A rebuild re-encodes only items whose hash is not in the old
 manifest; the rest keep their shard, or are copied into new shards when fewer than half of an
 old shard's items are still used. New shards get unused numbers, every file is written to a
-temporary name then os.replace'd, the manifest last, and unreferenced shards are deleted after
-it: an interrupted build leaves the previous cache intact. Latents are stored exactly as the
+temporary name then os.replace'd, the manifest last, and shards no longer used are deleted after
+it: an interrupted build leaves the previous cache intact. Only files the old manifest or this
+folder's build journal name are ever deleted (cache_files.py). Latents are stored exactly as the
 encoder returned them (for a ComfyUI VAE: raw VAE.encode output, before latent_format.process_in).
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Callable, Optional
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .cache_files import check_cache_folder, journal_names, note_shard, remove_unused
 
 FORMAT, VERSION = "oboro-latent-cache", 1
 MANIFEST = "manifest.json"
@@ -114,6 +117,7 @@ class _ShardWriter:
     def flush(self) -> None:
         if self.pending:
             tensors, name = self.pending, f"shard_{self.next:05d}.safetensors"
+            note_shard(self.folder, name)
             _atomic_write(self.folder / name, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
             self.names.append(name)
             self.pending, self.next = {}, self.next + 1
@@ -145,9 +149,11 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
     per-caption [L,D] / [L] tensors (a leading 1 is squeezed). `settings` (JSON-serialisable) name
     the encoders. Returns {"encoded", "reused", "skipped": [{file, reason}], "items", "folder"}."""
     folder = Path(folder)
+    prev = read_manifest(folder)
+    check_cache_folder(folder, prev, MANIFEST)
     folder.mkdir(parents=True, exist_ok=True)
     base = {**dataset.settings(), **settings}
-    old, totals = _valid_old_items(folder, read_manifest(folder))
+    old, totals = _valid_old_items(folder, prev)
     existing = [int(m.group(1)) for p in folder.iterdir() if (m := SHARD_RE.match(p.name))]
     writer = _ShardWriter(folder, max(existing, default=-1) + 1, shard_size)
     skipped = list(getattr(dataset, "report", []))
@@ -204,9 +210,6 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
     writer.flush()
     manifest = {"format": FORMAT, "version": VERSION, "settings": base, "items": items, "skipped": skipped}
     _atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1), "utf-8"))
-    used = {it["shard"] for it in items}
-    for p in folder.iterdir():
-        if (SHARD_RE.match(p.name) and p.name not in used) or p.name.endswith(".safetensors.tmp"):
-            p.unlink(missing_ok=True)
+    remove_unused(folder, prev, journal_names(folder), {it["shard"] for it in items}, MANIFEST)
     return {"encoded": encoded, "reused": len(items) - encoded, "skipped": skipped, "items": len(items),
             "folder": str(folder)}
