@@ -31,6 +31,7 @@ from ..oboro_model import MMHDiT
 from ..oboro_model.data import LatentCache, crop_box
 from ..oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, MaskedLatents, palette_to_labels, save_mask_adapter
 from ..oboro_model.training import TrainConfig, list_checkpoints
+from ..oboro_model.training.seeding import seeded_rng
 from ..oboro_model.training.optim import SCHEDULES
 from .mask_control import FOLDER, IMAGE_RANK, MaskAdapter, MaskAdapterIO, _oboro_dm, parse_palette
 from .paths import free_target
@@ -143,7 +144,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
         device = mm.get_torch_device()
         weights = _plain_weights(model, device)
         mm.unload_all_models()
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), seeded_rng(seed, device):
             with torch.device("meta"):
                 net = MMHDiT(dm.config)
             net.load_state_dict({k: weights.pop(k) for k in net.state_dict()}, strict=True, assign=True)

@@ -32,6 +32,7 @@ from ..oboro_model.checkpoint import check_state_dict
 from ..oboro_model.data import LatentCache
 from ..oboro_model.training import StopTraining, TrainConfig, list_checkpoints
 from ..oboro_model.training.loss import T_SAMPLING
+from ..oboro_model.training.seeding import seeded_rng
 from ..oboro_model.training.optim import OPTIMIZERS, SCHEDULES
 from ..oboro_model.training.trainer import PRECISIONS
 from .comfy_model import load_oboro_model
@@ -167,7 +168,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, steps: int, batch_
                       caption_dropout=caption_dropout, t_sampling=t_sampling, spike_guard=spike_guard, seed=seed,
                       checkpoint_every=checkpoint_every, keep_last=keep_last, output_dir=str(state_dir))
     amp, t0 = PRECISIONS[cfg.precision], time.time()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), seeded_rng(seed, device):
         with torch.device("meta"):
             net = MMHDiT(config)
         weights = {k: weights[k] for k in net.state_dict() if k in weights}
