@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .cache_check import check_items, shard_error
 from .cache_files import check_cache_folder, journal_names, note_shard, remove_unused
 
 FORMAT, VERSION = "oboro-latent-cache", 1
@@ -78,7 +79,8 @@ class LatentCache(torch.utils.data.Dataset):
         if m is None:
             raise FileNotFoundError(f"{self.folder}: no oboro latent cache here ({MANIFEST} missing or not "
                                     f"format {FORMAT} v{VERSION}); build one with build_cache / OboroCacheLatents")
-        self.settings, self.items, self.skipped = m["settings"], m["items"], m.get("skipped", [])
+        check_items(self.folder / MANIFEST, m.get("items"))
+        self.settings, self.items, self.skipped = m.get("settings", {}), m["items"], m.get("skipped", [])
         self.transform, self._handles = transform, {}
 
     def __getstate__(self):  # DataLoader workers reopen shards themselves
@@ -96,11 +98,15 @@ class LatentCache(torch.utils.data.Dataset):
         return tuple(self.items[i]["bucket"])
 
     def __getitem__(self, i: int) -> dict:
-        it = self.items[i]
-        f, k = self._shard(it["shard"]), it["key"]
-        latent = f.get_tensor(f"latent_{k}")
-        return {"latent": self.transform(latent) if self.transform else latent, "text": f.get_tensor(f"text_{k}"),
-                "text_mask": f.get_tensor(f"text_mask_{k}"), "caption": it["caption"], "file": it["file"]}
+        it, name = self.items[i], "latent_" + str(self.items[i]["key"])
+        try:
+            f, k = self._shard(it["shard"]), it["key"]
+            latent = f.get_tensor(name)
+            text, mask = f.get_tensor(name := f"text_{k}"), f.get_tensor(name := f"text_mask_{k}")
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors name no file
+            raise shard_error(self.folder, i, it, name, e) from None
+        return {"latent": self.transform(latent) if self.transform else latent, "text": text,
+                "text_mask": mask, "caption": it["caption"], "file": it["file"]}
 
 
 class _ShardWriter:
