@@ -92,12 +92,13 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                              tooltip="Save a resumable training state every N steps (0: at the end and on interrupt)."),
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="'latest' continues this output_name's last state (after an interrupt too)."),
-                io.Boolean.Input("overwrite", default=False, optional=True,
-                                 tooltip="Replace an existing adapter of that name. Off: it is kept and the result "
-                                         "gets the next free name <output_name>_00001_ (see the path output)."),
                 io.Clip.Input("clip", optional=True, tooltip="Leave unconnected (recommended): a dropped text is no "
                               "tokens, and an empty prompt is read so when sampling. Connected (T5): a dropped "
                               "text is T5(\"\") as encoded; on the demo mask-only followed masks worse so."),
+                # last: saved workflows map widget values by position
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Replace an existing adapter of that name. Off: it is kept and the result "
+                                         "gets the next free name <output_name>_00001_ (see the path output)."),
             ],
             outputs=[io.String.Output("path", display_name="path"),
                      io.Image.Output("loss_curve", display_name="loss_curve"),

@@ -284,9 +284,6 @@ def schema(kind: str) -> io.Schema:
             io.String.Input("resume_from", default="", optional=True,
                             tooltip="Empty: fresh start. 'latest': newest state of output_name (fresh if none). Or a "
                                     "state file/folder, absolute or relative to output/oboro_training."),
-            io.Boolean.Input("overwrite", default=False, optional=True,
-                             tooltip="Replace an existing file of that name. Off: an existing file is kept and the "
-                                     "result gets the next free name <output_name>_00001_ (see the path output)."),
             io.Clip.Input("clip", optional=True, tooltip="T5 from OboroT5Loader: previews and the empty prompt."),
             io.Vae.Input("vae", optional=True, tooltip="Decodes previews (not needed for pixel-space models)."),
             io.String.Input("preview_prompts", default="", multiline=True, optional=True,
@@ -297,6 +294,10 @@ def schema(kind: str) -> io.Schema:
             io.Float.Input("preview_cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01, optional=True),
             io.Int.Input("preview_seed", default=0, min=0, max=2**31 - 1, control_after_generate=False, optional=True,
                          tooltip="Prompt i uses seed preview_seed + i (OboroSampler's noise for that seed)."),
+            # last: saved workflows map widget values by position
+            io.Boolean.Input("overwrite", default=False, optional=True,
+                             tooltip="Replace an existing file of that name. Off: an existing file is kept and the "
+                                     "result gets the next free name <output_name>_00001_ (see the path output)."),
         ],
         outputs=[io.Model.Output(), io.String.Output("path", display_name="path"),
                  io.Image.Output("loss_curve", display_name="loss_curve"),
