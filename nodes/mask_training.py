@@ -31,9 +31,11 @@ from ..oboro_model.data import crop_box
 from ..oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, MaskedLatents, palette_to_labels, save_mask_adapter
 from ..oboro_model.training import TrainConfig
 from ..oboro_model.training.job import Job
+from ..oboro_model.training.seeding import seeded_rng
 from ..oboro_model.training.optim import SCHEDULES
 from ..oboro_model.training.run import build_trainer
 from .mask_control import FOLDER, IMAGE_RANK, MaskAdapter, MaskAdapterIO, _oboro_dm, parse_palette
+from .paths import free_target
 from .training import PRECISION, STATE_ROOT, _inside, _plain_weights, drive, open_node_cache
 from .training_preview import encode_plain, loss_curve_image
 
@@ -94,6 +96,10 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                 io.Clip.Input("clip", optional=True, tooltip="Leave unconnected (recommended): a dropped text is no "
                               "tokens, and an empty prompt is read so when sampling. Connected (T5): a dropped "
                               "text is T5(\"\") as encoded; on the demo mask-only followed masks worse so."),
+                # last: saved workflows map widget values by position
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Replace an existing adapter of that name. Off: it is kept and the result "
+                                         "gets the next free name <output_name>_00001_ (see the path output)."),
             ],
             outputs=[io.String.Output("path", display_name="path"),
                      io.Image.Output("loss_curve", display_name="loss_curve"),
@@ -103,7 +109,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, cache_dir, mask_dir, output_name, steps, batch_size, lr, rank, image_rank, seed, num_labels,
                 condition_dropout: float, precision, palette="", warmup=0, schedule="constant", checkpoint_every=0,
-                resume_from="", clip=None) -> io.NodeOutput:
+                resume_from="", clip=None, overwrite=False) -> io.NodeOutput:
         node = "OboroTrainMaskAdapter"
         dm = _oboro_dm(model, node)
         stem = output_name.strip().removesuffix(".safetensors")
@@ -140,7 +146,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
         device = mm.get_torch_device()
         weights = _plain_weights(model, device)
         mm.unload_all_models()
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), seeded_rng(seed, device):
             with torch.device("meta"):
                 net = MMHDiT(dm.config)
             net.load_state_dict({k: weights.pop(k) for k in net.state_dict()}, strict=True, assign=True)
@@ -150,6 +156,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
             trainer = build_trainer(mcd, MaskedLatents(cache, masks), tcfg, empty=empty)
             job.start(trainer)
             drive(trainer, job, node, stem)
+            target = free_target(target, overwrite)
             save_mask_adapter(target, mcd)
             s = job.summary(trainer)
             mcd = net = trainer = None

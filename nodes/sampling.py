@@ -15,6 +15,8 @@ oboro.samplers.sample exactly.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
@@ -120,6 +122,8 @@ class OboroSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, solver, shift,
                 denoise) -> io.NodeOutput:
+        if not math.isfinite(cfg):  # NaN passes ComfyUI's min/max check (comparisons are False)
+            raise ValueError(f"OboroSampler: cfg must be a finite number, got {cfg}")
         latent = latent_image
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         out = latent.copy()
@@ -199,14 +203,18 @@ class EmptyOboroLatentImage(io.ComfyNode):
     @staticmethod
     def size_error(width, height):
         for name, v in (("width", width), ("height", height)):
-            if v % SIZE_MULTIPLE or v < SIZE_MULTIPLE:
+            if not SIZE_MULTIPLE <= v <= MAX_RESOLUTION:
+                return f"{name} {v} is outside {SIZE_MULTIPLE}..{MAX_RESOLUTION}"
+            if v % SIZE_MULTIPLE:
                 return (f"{name} {v} is not a multiple of {SIZE_MULTIPLE} (VAE 8 x patch 2); "
                         f"nearest valid: {nearest_sizes(v)}")
         return None
 
     @classmethod
-    def validate_inputs(cls, width=SIZE_MULTIPLE, height=SIZE_MULTIPLE, **kwargs):
-        """Lets ComfyUI's validator (and `oboro-run --check`) reject a bad size before running."""
+    def validate_inputs(cls, width=SIZE_MULTIPLE, height=SIZE_MULTIPLE):
+        """Lets ComfyUI's validator (and `oboro-run --check`) reject a bad size before running. It
+        replaces ComfyUI's min/max check for exactly the inputs named here (no **kwargs: that
+        would switch the range checks of all inputs off), so the range is checked here too."""
         return cls.size_error(width, height) or True
 
     @classmethod
@@ -217,8 +225,12 @@ class EmptyOboroLatentImage(io.ComfyNode):
             raise ValueError(f"channels must be one of {list(CHANNELS)}, got {channels!r}")
         c = CHANNELS[channels]
         scale = 8 if c == 16 else 1
-        latent = torch.zeros([batch_size, c, height // scale, width // scale],
-                             device=comfy.model_management.intermediate_device())
+        shape, device = [batch_size, c, height // scale, width // scale], comfy.model_management.intermediate_device()
+        need, free = 4 * math.prod(shape), comfy.model_management.get_free_memory(device)
+        if need > free:  # fail with a message, not inside the allocator (a shared server's memory)
+            raise ValueError(f"an empty latent of {batch_size} x {width}x{height} ({channels}) needs "
+                             f"{need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free on {device}")
+        latent = torch.zeros(shape, device=device)
         return io.NodeOutput({"samples": latent})
 
 

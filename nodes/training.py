@@ -36,9 +36,11 @@ from ..oboro_model.training.job import Job
 from ..oboro_model.training.loss import T_SAMPLING
 from ..oboro_model.training.memory import log_plan
 from ..oboro_model.training.optim import OPTIMIZERS, SCHEDULES
-from ..oboro_model.training.run import LORA_TARGETS, LoraSpec, build_trainer, check_cache_fits, open_cache, seeded
+from ..oboro_model.training.run import LORA_TARGETS, LoraSpec, build_trainer, check_cache_fits, open_cache
+from ..oboro_model.training.seeding import seeded_rng
 from ..oboro_model.training.trainer import PRECISIONS
 from .comfy_model import load_oboro_model
+from .paths import confine, free_target
 from .training_preview import CastForSaving, Previews, black_image, encode_plain, loss_curve_image
 
 log = logging.getLogger("oboro")
@@ -48,11 +50,7 @@ SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 
 
 def _inside(root, name: str) -> Path:
-    root = Path(root).resolve()
-    path = (root / name).resolve()
-    if not name.strip() or not path.is_relative_to(root) or path == root:
-        raise ValueError(f"output_name {name!r} must be a plain name (or sub/path) inside {root}")
-    return path
+    return confine(root, name, "output_name", absolute_ok=False)
 
 
 def open_node_cache(cache_dir: str, latent_format, node: str) -> LatentCache:
@@ -168,7 +166,7 @@ def run_config(kind: str, inputs: dict, state_dir: Path) -> tuple[TrainConfig, O
 
 
 def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str = "", clip=None, vae=None,
-          save_dtype: str = "bf16", **inputs) -> io.NodeOutput:
+          save_dtype: str = "bf16", overwrite: bool = False, **inputs) -> io.NodeOutput:
     node = "OboroTrainLoRA" if kind == "lora" else "OboroTrainFull"
     dm = getattr(getattr(model, "model", None), "diffusion_model", None)
     if not isinstance(dm, MMHDiT):
@@ -197,7 +195,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
     mm.unload_all_models()
     mm.soft_empty_cache()
     amp = PRECISIONS[cfg.precision]
-    with torch.inference_mode(False), torch.enable_grad(), seeded(cfg.seed):
+    with torch.inference_mode(False), torch.enable_grad(), seeded_rng(cfg.seed, device):
         with torch.device("meta"):
             net = MMHDiT(config)
         weights = {k: weights[k] for k in net.state_dict() if k in weights}
@@ -220,6 +218,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
                                               "items": len(cache), "lr": cfg.lr, "batch_size": cfg.batch_size,
                                               "grad_accum": cfg.grad_accum, "optimizer": cfg.optimizer,
                                               "seed": cfg.seed})}
+        target = free_target(target, overwrite)
         if kind == "lora":
             from ..oboro_model.training.lora import save_lora
             save_lora(target, net, metadata=info)
@@ -316,6 +315,10 @@ def schema(kind: str) -> io.Schema:
             io.Float.Input("preview_cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01, optional=True),
             io.Int.Input("preview_seed", default=0, min=0, max=2**31 - 1, control_after_generate=False, optional=True,
                          tooltip="Prompt i uses seed preview_seed + i (OboroSampler's noise for that seed)."),
+            # last: saved workflows map widget values by position
+            io.Boolean.Input("overwrite", default=False, optional=True,
+                             tooltip="Replace an existing file of that name. Off: an existing file is kept and the "
+                                     "result gets the next free name <output_name>_00001_ (see the path output)."),
         ],
         outputs=[io.Model.Output(), io.String.Output("path", display_name="path"),
                  io.Image.Output("loss_curve", display_name="loss_curve"),

@@ -17,6 +17,7 @@ from comfy_api.latest import io
 from ..oboro_model.data import OboroDataset, build_cache, default_latent_transform
 from ..oboro_model.data.cache import MANIFEST
 from ..oboro_model.data.dataset import POLICIES
+from .paths import confine
 from .text_encoder import encode_text
 
 log = logging.getLogger("oboro")
@@ -51,16 +52,8 @@ def lora_patches(clip) -> list:
 
 
 def cache_folder(name: str) -> Path:
-    """`name` under <output>/oboro_cache, or `name` itself when absolute."""
-    if not name.strip():
-        raise ValueError("cache_name is empty")
-    if os.path.isabs(name):
-        return Path(name)
-    root = Path(folder_paths.get_output_directory()).resolve() / CACHE_ROOT
-    path = (root / name).resolve()
-    if not path.is_relative_to(root):
-        raise ValueError(f"cache_name {name!r} leaves {root}; use a plain name or an absolute path")
-    return path
+    """`name` under <output>/oboro_cache, or an absolute path inside an allowed root (nodes/paths.py)."""
+    return confine(Path(folder_paths.get_output_directory()) / CACHE_ROOT, name, "cache_name")
 
 
 def vae_encoder(vae):
@@ -108,7 +101,8 @@ class OboroCacheLatents(io.ComfyNode):
                 io.Int.Input("max_tokens", default=256, min=1, max=8192,
                              tooltip="Most T5 tokens kept per caption (end-of-sequence token included)."),
                 io.String.Input("cache_name", default="default",
-                                tooltip="Cache folder: output/oboro_cache/<name>, or an absolute path."),
+                                tooltip="Cache folder: output/oboro_cache/<name>, or an absolute path inside the output folder or "
+                                        "OBORO_ALLOWED_ROOTS."),
                 io.String.Input("score_column", default="", optional=True,
                                 tooltip="Metadata column with an aesthetic score: adds 'excellent score' (>= 6), "
                                         "'good score' (>= 5.2), 'average score' (>= 4) and drops images "

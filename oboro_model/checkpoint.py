@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from .atomic import save_safetensors
-from .config import OboroConfig
+from .config import PRESETS, OboroConfig
 from .model import MMHDiT
 
 CONFIG_KEY = "oboro_config"
@@ -68,9 +68,14 @@ def infer_config(sd: Mapping[str, torch.Tensor], name: str = "<state dict>", pat
         return sd[key]
 
     hidden, patch_in = need("x_embedder.weight").shape
-    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    found = _block_indices(sd)
+    depth = len(found)
     if depth == 0:
         raise CheckpointError(f"{name}: no 'blocks.N.' keys; this is not an MMH-DiT state dict")
+    if found != list(range(depth)):
+        missing = sorted(set(range(found[-1] + 1)) - set(found))
+        raise CheckpointError(f"{name}: blocks {missing} are missing (found blocks {found[0]}..{found[-1]}); "
+                              "the file is incomplete")
     qk_norm = "blocks.0.attn.q_norm.weight" in sd
     if not qk_norm:
         raise CheckpointError(f"{name}: no per-head QK-norm weights, so head counts cannot be inferred; "
@@ -78,14 +83,51 @@ def infer_config(sd: Mapping[str, torch.Tensor], name: str = "<state dict>", pat
     heads = tuple(hidden // need(f"blocks.{i}.attn.q_norm.weight").shape[0] for i in range(depth))
     if patch_in % (patch_size ** 2):
         raise CheckpointError(f"{name}: x_embedder takes {patch_in} features, not a multiple of patch {patch_size}^2")
+    mlp_hidden = need("blocks.0.mlp.w1.weight").shape[0]
+    for pname, p in PRESETS.items():  # the last block(s) of a known architecture cut off: no silent small model
+        if (p.hidden_size, p.mlp_hidden) == (hidden, mlp_hidden) and depth < p.depth and heads == p.heads[:depth]:
+            raise CheckpointError(f"{name}: has blocks 0..{depth - 1} of the {p.depth}-block {pname!r} layout "
+                                  f"(heads {list(p.heads)}); blocks {depth}..{p.depth - 1} are missing, so the file "
+                                  "is incomplete (a deliberately shallower model needs its config header)")
     try:
         return OboroConfig(
             in_channels=patch_in // patch_size ** 2, patch_size=patch_size, hidden_size=hidden, depth=depth,
-            heads=heads, mlp_hidden=need("blocks.0.mlp.w1.weight").shape[0],
+            heads=heads, mlp_hidden=mlp_hidden,
             text_dim=need("text_embedder.1.weight").shape[1], adaln_dim=need("t_embedder.mlp.0.weight").shape[0],
             qk_norm=qk_norm)
     except ValueError as e:
         raise CheckpointError(f"{name}: inferred config is invalid: {e}") from None
+
+
+def _block_indices(sd) -> list[int]:
+    return sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], name: str, chunk: int = 1 << 24) -> None:
+    """NaN/inf weights only show up as black or NaN images much later; name the file and tensor now.
+    Chunked, in fp32 (fp8 has no isfinite), so the check never holds more than one chunk extra."""
+    for k, t in sd.items():
+        if not t.is_floating_point():
+            continue
+        flat, bad = t.reshape(-1), 0
+        for i in range(0, flat.numel(), chunk):
+            bad += int((~torch.isfinite(flat[i:i + chunk].float())).sum())
+        if bad:
+            raise CheckpointError(f"{name}: tensor {k!r} {tuple(t.shape)} holds {bad} NaN/inf value(s); the "
+                                  "file is damaged or comes from a diverged training run")
+
+
+def check_config_fits(sd: Mapping[str, torch.Tensor], config: OboroConfig, name: str) -> None:
+    """A header config must describe the tensors in the file, checked on the meta device (nothing
+    allocated) BEFORE anyone builds the model: a header claiming a huge model is an error naming
+    the file, not an allocator failure."""
+    found = _block_indices(sd)
+    if len(found) != config.depth:
+        raise CheckpointError(f"{name}: header {CONFIG_KEY!r} says depth {config.depth} but the file holds "
+                              f"{len(found)} blocks; header and tensors do not match")
+    with torch.device("meta"):
+        model = MMHDiT(config)
+    check_state_dict(model, sd, name)
 
 
 def _check_not_pickle(path: Path) -> None:
@@ -97,7 +139,9 @@ def _check_not_pickle(path: Path) -> None:
 
 
 def read_checkpoint(path, key_map: Optional[Mapping[str, str]] = None, device="cpu"):
-    """-> (state_dict, OboroConfig, metadata). Tensors are read straight from the file (mmap)."""
+    """-> (state_dict, OboroConfig, metadata). Tensors are read straight from the file (mmap). The
+    config must match the tensors and every weight must be finite (CheckpointError naming the
+    file and key otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -116,6 +160,8 @@ def read_checkpoint(path, key_map: Optional[Mapping[str, str]] = None, device="c
             raise CheckpointError(f"{path}: header {CONFIG_KEY!r} is invalid: {e}") from None
     else:
         config = infer_config(sd, str(path))
+    check_config_fits(sd, config, str(path))
+    check_finite(sd, str(path))
     return sd, config, meta
 
 

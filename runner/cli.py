@@ -56,6 +56,9 @@ def parse_args(argv):
                    help="extra model root with subfolders diffusion_models, text_encoders, vae, loras... (repeatable)")
     p.add_argument("--server", action="append", default=[], metavar="URL",
                    help="run on this ComfyUI server instead of in-process (repeatable: jobs are shared out)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip jobs that --out's runs.jsonl already records as done (same job number, overrides "
+                        "and seed), e.g. after the server died mid-batch")
     p.add_argument("--check", action="store_true", help="validate every job, run nothing")
     p.add_argument("--cpu", action="store_true", help="embedded: run on the CPU even if a GPU is present")
     p.add_argument("-v", "--verbose", action="store_true", help="show ComfyUI's own log messages")
@@ -81,6 +84,7 @@ def main(argv=None) -> int:
 
 
 def run(opts, stdout) -> int:
+    check_out_dir(opts.out)  # before ComfyUI loads: a wrong --out should not cost a start-up
     doc = load(opts.workflow)
     sets = {k: v for k, v in (parse_set(s) for s in opts.sets)}
     rows = load_rows(opts.batch) if opts.batch else [{}]
@@ -105,13 +109,44 @@ def run(opts, stdout) -> int:
     if opts.check:
         print(f"oboro-run: ok: {len(jobs)} job(s) valid", file=sys.stderr)
         return 0
-    progress = Progress(len(jobs))
+    total = len(jobs)
+    if opts.resume:
+        jobs = skip_recorded(jobs, opts.out)
+    progress = Progress(total)
     with Output(opts.out) as out:
         failed = backend.run(jobs, out, progress)
     for path in out.saved:
         print(path, file=stdout)
     progress.done(failed, out)
     return 1 if failed else 0
+
+
+def check_out_dir(out) -> None:
+    """--out must be a folder or creatable as one (no part of it an existing file)."""
+    p = Path(out)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise WorkflowError(f"--out {out}: {q} is a file, not a folder; pick a folder for the results")
+            return
+
+
+def skip_recorded(jobs: list, out) -> list:
+    """The jobs runs.jsonl in `out` does not record as finished without error."""
+    log = Path(out) / "runs.jsonl"
+    done = set()
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash: that job is not done
+                continue
+            if isinstance(r, dict) and "error" not in r:
+                done.add(json.dumps([r.get("job"), r.get("overrides"), r.get("seed")], sort_keys=True, default=str))
+    left = [j for j in jobs if json.dumps([j.index, j.overrides, j.seed], sort_keys=True, default=str) not in done]
+    print(f"oboro-run: --resume: {len(jobs) - len(left)} of {len(jobs)} job(s) already done in {log}",
+          file=sys.stderr)
+    return left
 
 
 def parse_set(text: str):
@@ -134,12 +169,18 @@ def parse_seeds(text: str) -> list[int]:
 def load_rows(path) -> list[dict]:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
     except OSError as e:
         raise WorkflowError(f"--batch {p}: {e.strerror or e}") from None
     if p.suffix.lower() == ".csv":
-        rows = [{k.strip(): v for k, v in r.items() if k and v not in ("", None)}
-                for r in csv.DictReader(text.splitlines())]
+        reader = csv.DictReader(text.splitlines())
+        rows = []
+        for r in reader:
+            if r.get(None):  # DictReader puts the cells beyond the header under None
+                raise WorkflowError(f"--batch {p} row {len(rows) + 1} (line {reader.line_num}): "
+                                    f"{len(r[None])} more cell(s) than the {len(reader.fieldnames)} header "
+                                    f"columns: {r[None]}")
+            rows.append({k.strip(): v for k, v in r.items() if k and v not in ("", None)})
     else:
         rows = []
         for i, line in enumerate(text.splitlines(), 1):

@@ -50,6 +50,7 @@ SETUPS = {  # training/generation size -> model, batch size, peak LR
 }
 CONTROL = (("circle", "red", "white", "center"), ("square", "blue", "black", "left"),
            ("triangle", "yellow", "gray", "right"))
+ALLOWED_ENV = "OBORO_ALLOWED_ROOTS"  # nodes/paths.py: where absolute write paths may point
 OWNED = ("dataset", "models", "cache", "train", "samples", "contact_sheet.png", "loss.png", "training_previews.png",
          "report.json")
 LOSS_LINE = re.compile(r"step (\d+)/(\d+)\s+loss (\S+)")
@@ -168,6 +169,7 @@ def train(out: Path, dataset_dir: str, setup: dict, steps: int, size: int, devic
             "OboroTrainFull.schedule": "cosine", "OboroTrainFull.precision": "fp32",
             "OboroTrainFull.gradient_checkpointing": "false", "OboroTrainFull.caption_dropout": 0.1,
             "OboroTrainFull.checkpoint_every": 0, "OboroTrainFull.keep_last": 1, "OboroTrainFull.save_dtype": "fp32",
+            "OboroTrainFull.overwrite": "true",  # the demo owns its --out: a re-run replaces its own model
             "OboroTrainFull.preview_prompts": "\n".join(previews), "OboroTrainFull.preview_every": max(1, steps // 3),
             "OboroTrainFull.preview_cfg": 3.0, "OboroTrainFull.preview_steps": 20}
     log, handler = logging.getLogger("oboro"), LossLog()
@@ -175,6 +177,8 @@ def train(out: Path, dataset_dir: str, setup: dict, steps: int, size: int, devic
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    allowed = os.environ.get(ALLOWED_ENV)  # the cache lives in the demo's --out: allow it (nodes/paths.py)
+    os.environ[ALLOWED_ENV] = os.pathsep.join(filter(None, (allowed, str(out.resolve()))))
     try:
         rc = oboro_run([str(REPO / "workflows" / "oboro_full_finetune.json"), "--models", str(out / "models"),
                         "--out", str(out / "train"), *device, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]])
@@ -182,6 +186,10 @@ def train(out: Path, dataset_dir: str, setup: dict, steps: int, size: int, devic
         log.removeHandler(handler)
         log.setLevel(saved[0])
         log.propagate = saved[1]
+        if allowed is None:
+            os.environ.pop(ALLOWED_ENV, None)
+        else:
+            os.environ[ALLOWED_ENV] = allowed
     if rc != 0:
         raise RuntimeError(f"the training workflow failed (oboro-run exit {rc}); see the messages above")
     found = [f for r in runs(out / "train") for f in r["outputs"]]

@@ -33,6 +33,12 @@ def _relative(subfolder: str, filename: str) -> Path:
     return Path(*rel.parts)
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
 class Output:
     """The --out folder. Work happens in a hidden temp folder inside it (same file system, so
     moving a finished file in is an atomic rename); it is removed on exit, whatever happened."""
@@ -76,8 +82,10 @@ class Output:
                       "seconds": round(seconds, 3), **extra}
             if error is not None:
                 record["error"] = error.strip()
-            with open(self.dir / "runs.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, default=str) + "\n")  # one complete line per write
+            log = self.dir / "runs.jsonl"
+            cut = log.is_file() and log.stat().st_size > 0 and _last_byte(log) != b"\n"
+            with open(log, "a", encoding="utf-8") as f:  # after a line a crash cut short: a new line
+                f.write(("\n" if cut else "") + json.dumps(record, default=str) + "\n")  # one complete line per write
                 f.flush()
                 os.fsync(f.fileno())
             self.saved += [str(self.dir / s) for s in saved]

@@ -21,9 +21,10 @@ encode settings (dataset policy/size/area/crop/seed, its bucket, plus the caller
 hash, T5 name and hash, max_tokens). A rebuild re-encodes only items whose hash is not in the old
 manifest; the rest keep their shard, or are copied into new shards when fewer than half of an
 old shard's items are still used. New shards get unused numbers, every file is written to a
-temporary name then os.replace'd (oboro_model/atomic.py), the manifest last, and unreferenced shards are deleted after
-it: an interrupted build leaves the previous cache intact. Latents are stored exactly as the
-encoder returned them (for a ComfyUI VAE: raw VAE.encode output, before latent_format.process_in).
+temporary name then os.replace'd (oboro_model/atomic.py), the manifest last, and shards no longer
+used are deleted after it: an interrupted build leaves the previous cache intact. Only files the
+old manifest or this folder's build journal name are ever deleted (cache_files.py). Latents are
+stored exactly as the encoder returned them (for a ComfyUI VAE: raw VAE.encode output, before latent_format.process_in).
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ import torch
 from safetensors import safe_open
 
 from ..atomic import atomic_write, save_safetensors
+from .cache_check import check_items, shard_error
+from .cache_files import check_cache_folder, journal_names, note_shard, remove_unused
 
 logger = logging.getLogger(__name__)
 FORMAT, VERSION = "oboro-latent-cache", 1
@@ -114,7 +117,8 @@ class LatentCache(torch.utils.data.Dataset):
         if m is None:
             raise FileNotFoundError(f"{self.folder}: no oboro latent cache here ({MANIFEST} missing or not "
                                     f"format {FORMAT} v{VERSION}); build one with build_cache / OboroCacheLatents")
-        self.settings, self.items, self.skipped = m["settings"], m["items"], m.get("skipped", [])
+        check_items(self.folder / MANIFEST, m.get("items"))
+        self.settings, self.items, self.skipped = m.get("settings", {}), m["items"], m.get("skipped", [])
         self.latent_transform: Optional[dict] = m.get("latent_transform")
         self._handles: dict = {}
         if transform == "manifest":
@@ -158,11 +162,15 @@ class LatentCache(torch.utils.data.Dataset):
         return tuple(self.items[i]["bucket"])
 
     def __getitem__(self, i: int) -> dict:
-        it = self.items[i]
-        f, k = self._shard(it["shard"]), it["key"]
-        latent = f.get_tensor(f"latent_{k}")
-        return {"latent": self.transform(latent) if self.transform else latent, "text": f.get_tensor(f"text_{k}"),
-                "text_mask": f.get_tensor(f"text_mask_{k}"), "caption": it["caption"], "file": it["file"]}
+        it, name = self.items[i], "latent_" + str(self.items[i]["key"])
+        try:
+            f, k = self._shard(it["shard"]), it["key"]
+            latent = f.get_tensor(name)
+            text, mask = f.get_tensor(name := f"text_{k}"), f.get_tensor(name := f"text_mask_{k}")
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors name no file
+            raise shard_error(self.folder, i, it, name, e) from None
+        return {"latent": self.transform(latent) if self.transform else latent, "text": text,
+                "text_mask": mask, "caption": it["caption"], "file": it["file"]}
 
 
 class _ShardWriter:
@@ -179,6 +187,7 @@ class _ShardWriter:
     def flush(self) -> None:
         if self.pending:
             tensors, name = self.pending, f"shard_{self.next:05d}.safetensors"
+            note_shard(self.folder, name)
             save_safetensors(self.folder / name, tensors, {"format": FORMAT})
             self.names.append(name)
             self.pending, self.next = {}, self.next + 1
@@ -229,10 +238,11 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
     rule for their channel count). Returns {"encoded", "reused", "skipped": [{file, reason}],
     "items", "folder"}."""
     folder = Path(folder)
+    prev = read_manifest(folder)
+    check_cache_folder(folder, prev, MANIFEST)
     folder.mkdir(parents=True, exist_ok=True)
     base = {**dataset.settings(), **settings}
-    previous = read_manifest(folder)
-    old, totals = _valid_old_items(folder, previous)
+    old, totals = _valid_old_items(folder, prev)
     existing = [int(m.group(1)) for p in folder.iterdir() if (m := SHARD_RE.match(p.name))]
     writer = _ShardWriter(folder, max(existing, default=-1) + 1, shard_size)
     skipped = list(getattr(dataset, "report", []))
@@ -287,15 +297,12 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
         shard, key, shape, text_len = done[h]
         items.append({**src, "sha256": h, "shard": shard, "key": key, "latent_shape": shape, "text_len": text_len})
     writer.flush()
-    _write_empty_prompt(folder, encode_text, previous, base)
+    _write_empty_prompt(folder, encode_text, prev, base)
     if transform is None:
         transform = default_latent_transform(int(items[0]["latent_shape"][0]) if items else 3)
     manifest = {"format": FORMAT, "version": VERSION, "settings": base, "latent_transform": dict(transform),
                 "empty_prompt": EMPTY_PROMPT, "items": items, "skipped": skipped}
     _write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
-    used = {it["shard"] for it in items}
-    for p in folder.iterdir():
-        if (SHARD_RE.match(p.name) and p.name not in used) or (p.name.startswith(".") and p.name.endswith(".tmp")):
-            p.unlink(missing_ok=True)  # (temp files: only a killed build leaves them)
+    remove_unused(folder, prev, journal_names(folder), {it["shard"] for it in items}, (MANIFEST, EMPTY_PROMPT))
     return {"encoded": encoded, "reused": len(items) - encoded, "skipped": skipped, "items": len(items),
             "folder": str(folder)}

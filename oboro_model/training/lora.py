@@ -75,10 +75,12 @@ def resolve_targets(model: torch.nn.Module, targets: Targets = "attn") -> list[s
 
 
 def add_lora(model: torch.nn.Module, rank: int = 16, alpha: Optional[float] = None, dropout: float = 0.0,
-             targets: Targets = "attn", init: Union[bool, str] = True) -> torch.nn.Module:
+             targets: Targets = "attn", init: Union[bool, str] = True, seed: Optional[int] = None) -> torch.nn.Module:
     """Inject LoRA layers (peft `inject_adapter_in_model`) in place and freeze everything else;
     returns the same model. alpha defaults to rank (scale 1). peft's default init leaves B = 0, so
-    the model is unchanged until trained. The settings are kept as `model.oboro_lora`."""
+    the model is unchanged until trained. The settings are kept as `model.oboro_lora`. With `seed`,
+    peft's random init of A draws from that seed (CPU and the model's CUDA devices, global RNG state
+    restored after), not from whatever the global RNG holds: the same run seed is the same LoRA."""
     from peft import LoraConfig, inject_adapter_in_model
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -91,7 +93,13 @@ def add_lora(model: torch.nn.Module, rank: int = 16, alpha: Optional[float] = No
     modules = resolve_targets(base, targets)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
                         init_lora_weights=init)
-    inject_adapter_in_model(config, base, adapter_name=ADAPTER)
+    if seed is None:
+        inject_adapter_in_model(config, base, adapter_name=ADAPTER)
+    else:
+        cuda = sorted({p.device.index or 0 for p in base.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            inject_adapter_in_model(config, base, adapter_name=ADAPTER)
     base.oboro_lora = {"rank": rank, "alpha": alpha, "dropout": dropout,
                        "targets": targets if isinstance(targets, str) else list(targets), "modules": modules}
     return model

@@ -5,7 +5,6 @@ its recorded latent transform and empty prompt), checking it fits the model, the
 injection, and building the Trainer."""
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -52,9 +51,7 @@ def add_seeded_lora(model: torch.nn.Module, spec: LoraSpec, seed: int) -> torch.
     """Inject `spec` with its random init drawn from `seed` (the global RNG is left as it was), so
     every front end starts a LoRA run from the same weights."""
     from .lora import add_lora
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return add_lora(model, spec.rank, spec.alpha, spec.dropout, spec.targets)
+    return add_lora(model, spec.rank, spec.alpha, spec.dropout, spec.targets, seed=seed)
 
 
 def build_trainer(model: torch.nn.Module, cache, config: TrainConfig, lora: Optional[LoraSpec] = None,
@@ -72,11 +69,3 @@ def build_trainer(model: torch.nn.Module, cache, config: TrainConfig, lora: Opti
                            "captions become no tokens. Rebuild it with OboroCacheLatents to store T5(\"\").")
     return Trainer(model, cache, config, empty_text=empty[0], empty_mask=empty[1], dist=dist)
 
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run a training with the global torch RNG seeded (LoRA dropout draws from it) and restored
-    afterwards, so a run inside a long-lived process (ComfyUI) is reproducible and leaves no trace."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield

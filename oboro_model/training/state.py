@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 META_KEY = "oboro_train_state"
 FORMAT = 1
 NAME_RE = re.compile(r"^step_(\d{8,})\.safetensors$")
+# atomic_write's temp files for states: `.step_XXXXXXXX.safetensors.<random>.tmp`
+TEMP_RE = re.compile(r"^\.step_\d{8,}\.safetensors\.[A-Za-z0-9_]+\.tmp$")
 
 
 def checkpoint_path(output_dir, step: int) -> Path:
@@ -47,6 +49,17 @@ def latest_checkpoint(path_or_dir) -> Path:
     if not found:
         raise FileNotFoundError(f"{p}: no training checkpoint (step_*.safetensors) to resume from")
     return found[-1]
+
+
+def remove_stale_temps(output_dir) -> list[Path]:
+    """Delete state temp files a killed process left (a full fine-tune's can be gigabytes). Call it
+    when a run starts, before any save of its own: only a process killed mid-write leaves one."""
+    d = Path(output_dir)
+    gone = [p for p in d.iterdir() if TEMP_RE.match(p.name) and p.is_file()] if d.is_dir() else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+        logger.info("removed %s, left by an interrupted state write", p)
+    return gone
 
 
 def prune_checkpoints(output_dir, keep_last: int) -> list[Path]:

@@ -29,7 +29,8 @@ from .batching import DataOrder
 from .loss import T_SAMPLING, caption_dropout_mask, drop_captions, icfm_loss, sample_t
 from .optim import EMA, LRSchedule, build_optimizer, build_scheduler, is_schedule_free
 from .spike_guard import SpikeGuard
-from .state import capture, checkpoint_path, latest_checkpoint, prune_checkpoints, read_state, restore, write_state
+from .state import (capture, checkpoint_path, latest_checkpoint, prune_checkpoints, read_state, remove_stale_temps,
+                    restore, write_state)
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -164,6 +165,8 @@ class Trainer:
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self._saved_step: Optional[int] = None
         self._committing = False
+        if c.output_dir and self.dist.is_main:
+            remove_stale_temps(c.output_dir)
 
     # ---- data ---------------------------------------------------------------------------------------
     # The data order (batching.py) lives in `data_order`; order / epoch / pos are its saved state.
@@ -174,6 +177,19 @@ class Trainer:
     def _next_indices(self, n: int) -> list[int]:
         """The next n dataset indices: one step, never mixing aspect buckets (see batching.py)."""
         return self.data_order.take(n)
+
+    def _next_clean(self, n: int) -> list[int]:
+        """_next_indices, passing over batches that hold an item the spike guard quarantined (data
+        order stays seeded, so this resumes exactly; without quarantined items it is a no-op)."""
+        bad = set(self.guard.quarantined) if self.guard is not None else set()
+        idx = self._next_indices(n)
+        for _ in range(4 * max(1, len(self.dataset) // max(1, n) + 1) * 8):
+            if not bad or not any(str(i) in bad for i in idx):
+                return idx
+            idx = self._next_indices(n)
+        names = ", ".join(sorted(set(self.guard.quarantined.values())))
+        raise RuntimeError(f"every batch holds an item the spike guard set aside ({names}); fix or remove those "
+                           "items from the dataset")
 
     def _snapshot(self):
         return self.order, self.epoch, self.pos, self.data_gen.get_state(), self.noise_gen.get_state()
@@ -195,13 +211,14 @@ class Trainer:
         self.model.train()
         snap = self._snapshot()
         try:
-            idx = self._next_indices(n)
+            idx = self._next_clean(n)
             sel = None
             if W > 1:  # global micro-batch i is samples [i*B*W, (i+1)*B*W); rank r takes B of them
                 r = self.dist.rank
                 sel = torch.tensor([i * B * W + r * B + j for i in range(c.grad_accum) for j in range(B)])
                 idx = [idx[k] for k in sel.tolist()]
             items = [self.dataset[i] for i in idx]
+            self._batch_items = {str(i): it.get("file", f"item {i}") for i, it in zip(idx, items)}
             shape, g = items[0]["latent"].shape, self.noise_gen
             t = sample_t(n, g, c.t_sampling, c.t_mean, c.t_std)
             x0 = torch.randn((n, *shape), generator=g)
@@ -247,7 +264,7 @@ class Trainer:
         self.last_lr = lr = self.optimizer.param_groups[0]["lr"]
         self._committing = True
         if self.guard is not None:
-            skip = self.guard.check(step, loss, lr)
+            skip = self.guard.check(step, loss, lr, getattr(self, "_batch_items", None))
         elif (skip := not math.isfinite(loss)):
             logger.warning("non-finite loss %s at step %d: update skipped", loss, step)
         if not skip:
@@ -258,7 +275,8 @@ class Trainer:
             if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
                 skip = True  # fp16 leaves inf grads to the GradScaler, which skips and lowers its scale
                 if self.guard is not None:
-                    self.guard.reject(step, loss, f"non-finite gradient norm {float(norm)}", lr)
+                    self.guard.reject(step, loss, f"non-finite gradient norm {float(norm)}", lr,
+                                      getattr(self, "_batch_items", None))
                 else:
                     logger.warning("non-finite gradient norm at step %d: update skipped", step)
             if not skip:
