@@ -107,7 +107,8 @@ def test_rebuild_deletes_only_what_its_manifest_or_journal_listed(tmp_path):
     assert listed == {f"shard_0000{i}.safetensors" for i in range(4)} and not (folder / JOURNAL).exists()
     save_file({"x": torch.ones(1)}, str(folder / "shard_00077.safetensors"))  # somebody else's files
     (folder / "notes.safetensors.tmp").write_text("keep me")
-    (folder / "shard_00009.safetensors.tmp").write_text("a killed build's temp file")  # ours: in the journal
+    # a killed build's temp file of a journal-listed shard (oboro_model/atomic.py's naming)
+    (folder / ".shard_00009.safetensors.k3x9q1.tmp").write_text("a killed build's temp file")
     save_file({"x": torch.ones(1)}, str(folder / "shard_00008.safetensors"))  # ours: in the journal
     (folder / JOURNAL).write_text("shard_00008.safetensors\nshard_00009.safetensors\n../outside\n")
     (tmp_path / "outside").write_text("never touched")
@@ -117,7 +118,7 @@ def test_rebuild_deletes_only_what_its_manifest_or_journal_listed(tmp_path):
     assert r["encoded"] == 4
     names = {p.name for p in folder.iterdir()}
     assert {"shard_00077.safetensors", "notes.safetensors.tmp"} <= names  # not ours: kept
-    assert not names & {"shard_00008.safetensors", "shard_00009.safetensors.tmp", JOURNAL}  # ours: cleaned
+    assert not names & {"shard_00008.safetensors", ".shard_00009.safetensors.k3x9q1.tmp", JOURNAL}  # ours: cleaned
     assert not names & listed  # the old manifest's shards, all unused now
     assert (tmp_path / "outside").read_text() == "never touched"
 
