@@ -50,7 +50,7 @@ def world(tmp_path_factory):
     def encode_text(captions):  # a stand-in T5: deterministic [3, 32] states per caption
         out = []
         for c in captions:
-            out.append(torch.randn(3, 32, generator=torch.Generator().manual_seed(len(c) * 7 + ord(c[-1]))))
+            out.append(torch.randn(3, 32, generator=torch.Generator().manual_seed(len(c) * 7 + (ord(c[-1]) if c else 0))))
         return out, [torch.ones(3, dtype=torch.long) for _ in captions]
     build_cache(OboroDataset(root / "data" / "images", policy="fixed", size=64), root / "cache",
                 lambda px: F.avg_pool2d(px, 8).repeat(1, 6, 1, 1)[:, :16], encode_text, {})

@@ -146,7 +146,9 @@ def test_lora_node_resumed_cli_and_ddp_give_the_same_weights(comfy, setup):
     assert s["step"] == K // 2
     s = run_node(comfy, setup, "OboroTrainLoRA", "eq_lora", K, resume="latest")
     assert (s["start_step"], s["step"]) == (K // 2, K)
-    node = load_file(str(comfy.models / "loras" / "eq_lora.safetensors"))
+    # the half-way run saved eq_lora.safetensors; the resumed one never overwrites it (no overwrite input)
+    assert s["path"].endswith("eq_lora_00001_.safetensors")
+    node = load_file(s["path"])
 
     run_cli(write_config(setup, "cli_lora", K, lora=True))
     cli = load_file(str(setup.work / "cli_lora" / "lora.safetensors"))
