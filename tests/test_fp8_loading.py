@@ -20,11 +20,12 @@ FP8 = torch.float8_e4m3fn
 REL_TOL = 0.10
 
 
-def scaled_fp8_state_dict(model, marker_elements=0) -> dict:
+def scaled_fp8_state_dict(model, marker_elements=0, scale_input=None) -> dict:
     """As ComfyUI's scaled-fp8 files are made: each Linear weight divided by a per-layer scale
     (absmax / fp8 max) and stored as fp8, the scale as a float32 scalar `<layer>.scale_weight`;
     other tensors keep their dtype; a `scaled_fp8` marker of the fp8 dtype (0 elements: fp8
-    matmuls allowed, as ComfyUI's own save writes it; 2 elements: not)."""
+    matmuls allowed, as ComfyUI's own save writes it; 2 elements: not). Some makers also store a
+    per-layer `scale_input` (used only by fp8 matmuls)."""
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
@@ -32,6 +33,8 @@ def scaled_fp8_state_dict(model, marker_elements=0) -> dict:
             scale = w.abs().max() / torch.finfo(FP8).max
             sd[f"{name}.weight"] = (w / scale).to(FP8)
             sd[f"{name}.scale_weight"] = scale.reshape(()).float()
+            if scale_input is not None:
+                sd[f"{name}.scale_input"] = torch.tensor(scale_input)
     sd["scaled_fp8"] = torch.zeros(marker_elements, dtype=FP8)
     return sd
 
@@ -40,7 +43,7 @@ def scaled_fp8_state_dict(model, marker_elements=0) -> dict:
 def models(comfy):
     dit = tiny_dit()
     save_checkpoint(comfy.models / "diffusion_models" / DIT, dit)
-    save_file(scaled_fp8_state_dict(dit), str(comfy.models / "diffusion_models" / SCALED))
+    save_file(scaled_fp8_state_dict(dit, scale_input=2.0), str(comfy.models / "diffusion_models" / SCALED))
     save_file(scaled_fp8_state_dict(dit, 2), str(comfy.models / "diffusion_models" / SCALED_NO_FAST))
     save_t5(comfy.models / "text_encoders" / T5, tiny_t5())
     return dit
@@ -87,6 +90,10 @@ def test_scaled_fp8_file_loads_and_samples_close_to_fp32(comfy, models, referenc
     assert qkv.weight.dtype == FP8
     want = scaled_fp8_state_dict(models)["blocks.1.attn.qkv.scale_weight"]
     assert torch.equal(qkv.scale_weight.detach().cpu(), want)  # the file's scale, not the default 1
+    if name == SCALED:  # fp8 matmuls allowed: the file's input scale is loaded (else core drops it)
+        assert float(qkv.scale_input) == 2.0
+    else:
+        assert qkv.scale_input is None
     # The dequantized weight is the fp32 weight to fp8 precision.
     w = qkv.weight.float() * qkv.scale_weight
     assert rel_err(w, models.blocks[1].attn.qkv.weight) < 0.05
