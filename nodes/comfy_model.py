@@ -196,15 +196,17 @@ def assign_weights(module: torch.nn.Module, sd: dict) -> None:
     read_checkpoint's tensors live in the safetensors mmap; core's load_model_weights copies them
     into freshly allocated parameters, so the file pages and the parameters are resident together
     (about 2x the weights). Here a tensor already in the parameter's dtype is taken as is (the
-    parameter becomes the mmap-backed tensor, copy-on-write), and one that needs a cast is cast
-    into its own new tensor once; the empty parameters ComfyUI's ops allocated are never touched,
-    so they never become resident. Consumes `sd` as load_model_weights does."""
+    parameter becomes the mmap-backed tensor, copy-on-write), and one that needs a cast (or another
+    device) is converted into its own new tensor once; the empty parameters ComfyUI's ops
+    allocated are never written, so they never become resident. Consumes `sd` as
+    load_model_weights does."""
     expected = module.state_dict()
     to_load = {}
     for k in list(sd):
         v = sd.pop(k)
-        if k in expected:
-            to_load[k] = v if v.dtype == expected[k].dtype else v.to(expected[k].dtype)
-    missing, unexpected = module.load_state_dict(to_load, strict=False, assign=True)
+        if k in expected:  # cast (and move, when the offload device is a GPU: --highvram/--gpu-only)
+            e = expected[k]
+            to_load[k] = v if (v.dtype, v.device) == (e.dtype, e.device) else v.to(device=e.device, dtype=e.dtype)
+    missing, _ = module.load_state_dict(to_load, strict=False, assign=True)
     if missing:  # only optional scales can be missing here (check_state_dict ran first)
         log.info("oboro: %d optional keys not in the file, defaults kept: %s", len(missing), missing[:4])
