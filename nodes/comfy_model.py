@@ -36,6 +36,18 @@ WEIGHT_DTYPES = {
     "fp16": torch.float16,
     "fp32": torch.float32,
 }
+# The DiT loader also offers core UNETLoader's "fp8_e4m3fn_fast": fp8 storage plus
+# model_options["fp8_optimizations"] (fp8 matmuls where comfy.model_management.supports_fp8_compute;
+# elsewhere, CPU included, core silently falls back to casting the weights, and so do we).
+DIT_WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn,
+                     "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+                     **{k: v for k, v in WEIGHT_DTYPES.items() if k not in ("default", "fp8_e4m3fn")}}
+FP8_FAST = "fp8_e4m3fn_fast"
+# ComfyUI's scaled-fp8 files: a marker tensor whose dtype is the fp8 storage dtype (float32 means
+# e4m3fn; two elements mean "no fp8 matmul"), plus per-Linear `scale_weight` (and optionally
+# `scale_input`) scalars that comfy.ops.scaled_fp8_ops multiplies back in.
+SCALED_FP8_KEY = "scaled_fp8"
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 
 
 def comfy_attention(q, k, v, mask=None, transformer_options=None):
@@ -150,19 +162,55 @@ class OboroSupported(comfy.supported_models_base.BASE):
 
 
 def load_oboro_model(path: str, weight_dtype: str = "default", key_map=None) -> comfy.model_patcher.ModelPatcher:
-    """Build a ModelPatcher the way comfy.sd.load_diffusion_model_state_dict does for core models."""
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    """Build a ModelPatcher the way comfy.sd.load_diffusion_model_state_dict does for core models
+    (scaled-fp8 detection as in comfy.model_detection.model_config_from_unet), except that the
+    weights are assigned rather than copied: see assign_weights."""
+    if weight_dtype not in DIT_WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {list(DIT_WEIGHT_DTYPES)}, got {weight_dtype!r}")
     sd, config, _ = read_checkpoint(path, key_map=key_map)
     model_config = OboroSupported({"image_model": "oboro", "oboro_config": config.to_dict()})
+    file_dtype = comfy.utils.weight_dtype(sd)
+    marker = sd.pop(SCALED_FP8_KEY, None)
+    if marker is not None:
+        model_config.scaled_fp8 = torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype
+        model_config.optimizations["fp8"] = marker.nelement() != 2
+        file_dtype = None
+    if weight_dtype == FP8_FAST:
+        model_config.optimizations["fp8"] = True
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    unet_dtype = WEIGHT_DTYPES[weight_dtype] or mm.unet_dtype(
+    unet_dtype = DIT_WEIGHT_DTYPES[weight_dtype] or mm.unet_dtype(
         model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=model_config.supported_inference_dtypes,
-        weight_dtype=comfy.utils.weight_dtype(sd))
+        weight_dtype=file_dtype)
     manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(unet_dtype, manual_cast)
     model = model_config.get_model(sd, device=offload_device)
-    check_state_dict(model.diffusion_model, sd, str(path))
-    model.load_model_weights(sd, "")
-    log.info("oboro: loaded %s (%d layers, heads %s) as %s", path, config.depth, list(config.heads), unet_dtype)
+    # Which per-layer scales a scaled-fp8 file carries depends on its maker; the ops default the
+    # missing ones to 1 (and ignore scale_input unless fp8 matmuls are on), as core does.
+    optional = SCALE_SUFFIXES if marker is not None else ()
+    check_state_dict(model.diffusion_model, sd, str(path), optional_suffixes=optional)
+    assign_weights(model.diffusion_model, sd)
+    log.info("oboro: loaded %s (%d layers, heads %s) as %s%s", path, config.depth, list(config.heads), unet_dtype,
+             f", scaled {model_config.scaled_fp8}" if marker is not None else "")
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def assign_weights(module: torch.nn.Module, sd: dict) -> None:
+    """Put the file's tensors into the model without a second copy at peak.
+
+    read_checkpoint's tensors live in the safetensors mmap; core's load_model_weights copies them
+    into freshly allocated parameters, so the file pages and the parameters are resident together
+    (about 2x the weights). Here a tensor already in the parameter's dtype is taken as is (the
+    parameter becomes the mmap-backed tensor, copy-on-write), and one that needs a cast (or another
+    device) is converted into its own new tensor once; the empty parameters ComfyUI's ops
+    allocated are never written, so they never become resident. Consumes `sd` as
+    load_model_weights does."""
+    expected = module.state_dict()
+    to_load = {}
+    for k in list(sd):
+        v = sd.pop(k)
+        if k in expected:  # cast (and move, when the offload device is a GPU: --highvram/--gpu-only)
+            e = expected[k]
+            to_load[k] = v if (v.dtype, v.device) == (e.dtype, e.device) else v.to(device=e.device, dtype=e.dtype)
+    missing, _ = module.load_state_dict(to_load, strict=False, assign=True)
+    if missing:  # only optional scales can be missing here (check_state_dict ran first)
+        log.info("oboro: %d optional keys not in the file, defaults kept: %s", len(missing), missing[:4])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from .comfy_model import WEIGHT_DTYPES, load_oboro_model
+from .comfy_model import DIT_WEIGHT_DTYPES, load_oboro_model
 
 
 class OboroModelLoader(io.ComfyNode):
@@ -19,9 +19,11 @@ class OboroModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models"),
                                tooltip="File in models/diffusion_models."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                io.Combo.Input("weight_dtype", options=list(DIT_WEIGHT_DTYPES), default="default",
                                tooltip="Storage dtype of the weights. fp8 halves memory; compute runs in "
-                                       "the device's inference dtype."),
+                                       "the device's inference dtype. fp8_e4m3fn_fast also uses fp8 "
+                                       "matmuls where the GPU supports them (as core UNETLoader). "
+                                       "ComfyUI scaled-fp8 files are detected from their keys."),
             ],
             outputs=[io.Model.Output()],
         )

@@ -165,11 +165,16 @@ def read_checkpoint(path, key_map: Optional[Mapping[str, str]] = None, device="c
     return sd, config, meta
 
 
-def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> None:
-    """Raise one error listing every missing key, unexpected key and shape mismatch."""
+def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], name: str,
+                     optional_suffixes: tuple = ()) -> None:
+    """Raise one error listing every missing key, unexpected key and shape mismatch.
+
+    Keys ending in one of `optional_suffixes` may be absent on either side: the caller's layers
+    keep a default for them or ignore them (ComfyUI's scaled-fp8 files carry per-layer
+    `.scale_weight` / `.scale_input` scalars, which ComfyUI's fp8 ops default to 1 when missing)."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    missing = sorted(k for k in set(expected) - set(sd) if not k.endswith(optional_suffixes))
+    unexpected = sorted(k for k in set(sd) - set(expected) if not k.endswith(optional_suffixes))
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
               for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
