@@ -39,7 +39,7 @@ def parse_args(argv):
                    "there when missing (default: out/demo)")
     p.add_argument("--mask-adapter", default="", help="mask adapter for oboro_mask_text (e.g. out/mask_eval/"
                    "mask_adapter.safetensors); default: a short oboro-mask-eval run (--adapter-steps) on the demo")
-    p.add_argument("--adapter-steps", type=int, default=600, help="adapter steps of that short run")
+    p.add_argument("--adapter-steps", type=int, default=400, help="adapter steps of that short run")
     p.add_argument("--work", default=str(REPO / "out" / "thumbnails"), help="scratch folder (emptied first)")
     p.add_argument("--only", nargs="*", choices=NAMES, default=list(NAMES), help="templates to redo")
     p.add_argument("--threads", type=int, default=1)
@@ -124,8 +124,7 @@ def txt2img(r: Runner) -> Image.Image:
 
 def img2img(r: Runner, demo_dir: Path) -> Image.Image:
     rows = []
-    for src, colour in ((("circle", "red", "white", "center"), "blue"), (("square", "yellow", "black", "left"),
-                                                                            "magenta")):
+    for src, colour in ((("circle", "red", "white", "center"), "blue"), (("square", "cyan", "black", "left"), "red")):
         name = f"{dd.stem(*src)}.png"
         shutil.copyfile(demo_dir / "dataset" / "images" / name, r.work / "input" / name)
         prompt = dd.caption(src[0], colour, *src[2:])
