@@ -171,8 +171,10 @@ def training(r: Runner, name: str, demo_dir: Path) -> Image.Image:
     train = {"output_name": f"thumbnail_{name}", "steps": 20, "batch_size": 8, "warmup": 0, "precision": "fp32",
              "lr": 1e-3 if "lora" in name else 1e-4, "gradient_checkpointing": False, "checkpoint_every": 0,
              "preview_prompts": "\n".join(previews), "preview_every": 20, "preview_steps": 20, "preview_cfg": 3.0}
-    cache = {"dataset_dir": str(demo_dir / "dataset"), "policy": "fixed", "size": SIZE, "max_tokens": 64,
-             "cache_name": str((demo_dir / "cache").resolve())}
+    # The demo's dataset and cache settings (runner/demo.py), cached in the scratch folder: the demo's
+    # own cache stays as oboro-mask-eval expects it.
+    cache = {"dataset_dir": str(demo_dir / "dataset" / "images"), "policy": "fixed", "size": SIZE, "max_tokens": 64,
+             "cache_name": str(r.work / "cache")}
     res = r.run(name, {**demo_models(), "OboroCacheLatents": cache, kind: train})
     loss, preview = r.images(res)  # SaveImage "Loss curve" (node 6), "Previews" (node 7)
     w = TILE * 3

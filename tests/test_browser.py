@@ -103,10 +103,13 @@ def open_template(page, ext: str, name: str) -> None:
     dialog.get_by_role("button", name=ext, exact=True).click()
     card = dialog.get_by_test_id(f"template-workflow-{name}")
     card.wait_for(timeout=30_000)
-    thumb = card.locator(f'img[src*="/workflow_templates/{ext}/{name}.jpg"]').first
+    # The frontend fetches /api/workflow_templates/<ext>/<name>.jpg and shows it from a blob: URL.
+    thumb = card.locator(f'img[alt="{name}"]').first
     thumb.wait_for(timeout=30_000)
-    thumb.evaluate("img => img.complete ? null : new Promise(r => { img.onload = img.onerror = r; })")
-    assert thumb.evaluate("img => img.naturalWidth") > 0, f"thumbnail of {name} did not load"
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle(), timeout=30_000)
+    from PIL import Image
+    with Image.open(oboro_env.REPO / "example_workflows" / f"{name}.jpg") as im:
+        assert thumb.evaluate("img => [img.naturalWidth, img.naturalHeight]") == list(im.size), f"{name}: not our thumbnail"
     card.click()
     dialog.wait_for(state="detached", timeout=60_000)
 
