@@ -40,7 +40,8 @@ def parse_args(argv):
     p.add_argument("--mask-adapter", default="", help="mask adapter for oboro_mask_text (e.g. out/mask_eval/"
                    "mask_adapter.safetensors); default: a short oboro-mask-eval run (--adapter-steps) on the demo")
     p.add_argument("--adapter-steps", type=int, default=400, help="adapter steps of that short run")
-    p.add_argument("--work", default=str(REPO / "out" / "thumbnails"), help="scratch folder (its output/ is emptied first; default: out/thumbnails)")
+    p.add_argument("--work", default=str(REPO / "out" / "thumbnails"),
+                   help="scratch folder (its output/ is emptied first; default: out/thumbnails)")
     p.add_argument("--only", nargs="*", choices=NAMES, default=list(NAMES), help="templates to redo")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
