@@ -22,12 +22,12 @@ from .output import Output, Progress
 
 SEED_INPUTS = ("seed", "noise_seed")
 EPILOG = """examples:
-  oboro-run workflows/oboro_txt2img.json --out out/
-  oboro-run workflows/oboro_txt2img.json --set "Positive Prompt.text=a red fox in snow" --seeds 0:8 --out out/
-  oboro-run workflows/oboro_txt2img.json --batch prompts.csv --set OboroSampler.steps=30 --out out/
-  oboro-run workflows/oboro_img2img.json --set LoadImage.image=/abs/path/photo.png --set 9.denoise=0.5
-  oboro-run workflows/oboro_txt2img.json --seeds 0:100 --server http://gpu1:8188 --server http://gpu2:8188
-  oboro-run workflows/oboro_txt2img.json --check --models /data/models
+  oboro-run example_workflows/oboro_txt2img.json --out out/
+  oboro-run example_workflows/oboro_txt2img.json --set "Positive Prompt.text=a red fox in snow" --seeds 0:8 --out out/
+  oboro-run example_workflows/oboro_txt2img.json --batch prompts.csv --set OboroSampler.steps=30 --out out/
+  oboro-run example_workflows/oboro_img2img.json --set LoadImage.image=/abs/path/photo.png --set 9.denoise=0.5
+  oboro-run example_workflows/oboro_txt2img.json --seeds 0:100 --server http://gpu1:8188 --server http://gpu2:8188
+  oboro-run example_workflows/oboro_txt2img.json --check --models /data/models
 NODE is a node id, or a node title or type when only one node has it. Values are JSON when they
 parse (numbers, true/false) and strings otherwise. --batch rows map "NODE.input" to a value (CSV
 header row / JSON lines); an empty CSV cell leaves that input as it is.

@@ -6,9 +6,9 @@ workflows run by oboro-run (runner/cli.py, in this process):
    x 3 backgrounds x 5 positions, minus 3 held-out (shape, colour) pairs);
 2. models: a from-scratch pixel-space MMH-DiT and a tiny frozen random T5 (real T5 tokenizer), in
    <out>/models/{diffusion_models,text_encoders,vae};
-3. train: workflows/oboro_full_finetune.json (OboroCacheLatents with the pixel_space VAE, then
+3. train: example_workflows/oboro_full_finetune.json (OboroCacheLatents with the pixel_space VAE, then
    OboroTrainFull), with --set overrides;
-4. generate: workflows/oboro_txt2img.json on held-out prompts, plus a few training captions as a
+4. generate: example_workflows/oboro_txt2img.json on held-out prompts, plus a few training captions as a
    control, two seeds each;
 5. report: the PNGs, contact_sheet.png, loss.png and report.json, with pixel-level scores of
    whether each image shows the prompt's colour, background, position and shape.
@@ -180,7 +180,7 @@ def train(out: Path, dataset_dir: str, setup: dict, steps: int, size: int, devic
     allowed = os.environ.get(ALLOWED_ENV)  # the cache lives in the demo's --out: allow it (nodes/paths.py)
     os.environ[ALLOWED_ENV] = os.pathsep.join(filter(None, (allowed, str(out.resolve()))))
     try:
-        rc = oboro_run([str(REPO / "workflows" / "oboro_full_finetune.json"), "--models", str(out / "models"),
+        rc = oboro_run([str(REPO / "example_workflows" / "oboro_full_finetune.json"), "--models", str(out / "models"),
                         "--out", str(out / "train"), *device, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]])
     finally:
         log.removeHandler(handler)
@@ -219,7 +219,7 @@ def generate(out: Path, prompts: list[tuple], size: int, seeds: int, device: lis
     rows.parent.mkdir(parents=True, exist_ok=True)
     rows.write_text("".join(json.dumps({"Positive Prompt.text": dd.caption(*c), "Save Image.filename_prefix":
                                         f"{split}/{dd.stem(*c)}"}) + "\n" for split, c in prompts), encoding="utf-8")
-    rc = oboro_run([str(REPO / "workflows" / "oboro_txt2img.json"), "--models", str(out / "models"),
+    rc = oboro_run([str(REPO / "example_workflows" / "oboro_txt2img.json"), "--models", str(out / "models"),
                     "--out", str(out / "samples"), "--batch", str(rows), "--seeds", f"0:{seeds}", *device,
                     "--set", f"OboroModelLoader.model_name={TRAINED}.safetensors", "--set", f"OboroT5Loader.t5_name={T5_FILE}",
                     "--set", "VAELoader.vae_name=pixel_space", "--set", f"EmptyOboroLatentImage.width={size}",

@@ -3,6 +3,7 @@ and a session-wide embedded ComfyUI with temporary model folders for integration
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,3 +58,17 @@ def comfy(tmp_path_factory):
 def model_root(tmp_path_factory):
     """Tiny models under the shipped workflows' file names (see tests/tiny.py), as a model root."""
     return save_shipped_models(tmp_path_factory.mktemp("oboro_models"))
+
+
+@pytest.fixture(scope="session")
+def offline_demo(tmp_path_factory):
+    """`make run` on a machine without model files, once per session: scripts/oboro-main lists the
+    missing files, then runs the offline demo (runner/demo.py) into <out>/demo. test_demo.py checks
+    the run; test_mask_eval.py trains a mask adapter on its base instead of training another."""
+    from test_main_job import MAIN, REPO, make_bare_comfy
+    tmp = tmp_path_factory.mktemp("offline_demo")
+    out = tmp / "out"
+    r = subprocess.run([sys.executable, str(MAIN), "--models", str(tmp / "models"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=REPO,
+                       env={**os.environ, "COMFYUI_PATH": str(make_bare_comfy(tmp))})
+    return SimpleNamespace(result=r, out=out, demo=out / "demo")

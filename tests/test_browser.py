@@ -1,7 +1,9 @@
 """End to end in a real browser: a ComfyUI 0.3.75 server (CPU, 127.0.0.1) with this extension and
-tiny models saved under the shipped template's model names; Debian's Chromium, headless, driven
-by Playwright. The template comes from the frontend's own template browser (sidebar "Templates",
-our extension's section, the oboro_txt2img card); the run starts from the Run button.
+tiny models saved under the shipped templates' model names; Debian's Chromium, headless, driven
+by Playwright. Every template (example_workflows/*.json) is opened from the frontend's own template
+browser (sidebar "Templates", our extension's section, the template's card, whose thumbnail must
+show) and must load whole: no missing-node or load-error dialog, every node registered. The
+txt2img template is then run from the Run button.
 
 The screenshot is kept as a test artifact: test-artifacts/browser_txt2img.png under the repo root.
 """
@@ -13,6 +15,7 @@ import re
 import time
 
 import pytest
+from PIL import Image
 
 import oboro_env  # scripts/ is put on sys.path by conftest.py
 from comfy_server import Server, http_json
@@ -28,6 +31,9 @@ IMAGE_TIMEOUT_S = 180
 # The frontend's dialog when a workflow uses unknown node types (1.32: "This workflow has missing
 # nodes"; older releases: "...the following node types were not found").
 MISSING_NODES_TEXT = re.compile(r"missing nodes|node types were not found|some nodes are missing", re.I)
+# The frontend's dialog when loading a workflow throws (1.32 errorDialog.loadWorkflowTitle / defaultTitle).
+LOAD_ERROR_TEXT = re.compile(r"Loading aborted|error reloading workflow|An error occurred", re.I)
+TEMPLATES = sorted(p.stem for p in (oboro_env.REPO / "example_workflows").glob("*.json"))
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} missing: install Debian's chromium (scripts/bootstrap.sh does, as root)")
@@ -84,6 +90,36 @@ def missing_nodes_dialogs(page) -> list[str]:
     return [t for t in texts if MISSING_NODES_TEXT.search(t)]
 
 
+def error_dialogs(page) -> list[str]:
+    dialogs = page.get_by_role("dialog")
+    texts = [dialogs.nth(i).inner_text() for i in range(dialogs.count())]
+    return [t for t in texts if LOAD_ERROR_TEXT.search(t)]
+
+
+def open_template(page, ext: str, name: str) -> None:
+    """As a user does: sidebar "Templates" -> our extension -> the card (its thumbnail shown)."""
+    page.locator('button[aria-label="Templates"]').click()
+    dialog = page.locator(".workflow-template-selector-dialog")
+    dialog.wait_for(timeout=30_000)
+    dialog.get_by_role("button", name=ext, exact=True).click()
+    card = dialog.get_by_test_id(f"template-workflow-{name}")
+    card.wait_for(timeout=30_000)
+    # The frontend fetches /api/workflow_templates/<ext>/<name>.jpg and shows it from a blob: URL.
+    thumb = card.locator(f'img[alt="{name}"]').first
+    thumb.wait_for(timeout=30_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle(), timeout=30_000)
+    with Image.open(oboro_env.REPO / "example_workflows" / f"{name}.jpg") as im:
+        shown = thumb.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        assert shown == list(im.size), f"{name}: a {shown} thumbnail shown, ours is {im.size}"
+    card.click()
+    dialog.wait_for(state="detached", timeout=60_000)
+
+
+def graph_nodes(page) -> list[dict]:
+    return page.evaluate("""() => app.graph.nodes.map(n => ({id: n.id, type: n.type, virtual: !!n.isVirtualNode,
+                               registered: n.type in LiteGraph.registered_node_types}))""")
+
+
 def diagnose(page, server, console, name):
     """On failure: keep a screenshot, print the browser console and the server log."""
     if page is not None:
@@ -109,20 +145,13 @@ def test_txt2img_template_runs_in_browser(server, browser):
     try:
         page = open_app(browser, server, console)
 
-        # The template browser, as a user opens it: sidebar "Templates" -> our extension -> the card.
-        page.locator('button[aria-label="Templates"]').click()
-        dialog = page.locator(".workflow-template-selector-dialog")
-        dialog.wait_for(timeout=30_000)
-        dialog.get_by_role("button", name=ext, exact=True).click()
-        dialog.get_by_test_id(f"template-workflow-{TEMPLATE}").click()
-        dialog.wait_for(state="detached", timeout=60_000)
+        open_template(page, ext, TEMPLATE)
         page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'OboroSampler')", timeout=30_000)
         page.wait_for_timeout(1000)  # a missing-nodes dialog would open right after the graph loads
 
         assert not missing_nodes_dialogs(page), f"missing-nodes dialog shown: {missing_nodes_dialogs(page)}"
         assert not MISSING_NODES_TEXT.search(page.locator("body").inner_text())
-        graph = page.evaluate("""() => app.graph.nodes.map(n => ({id: n.id, type: n.type, virtual: !!n.isVirtualNode,
-                                   registered: n.type in LiteGraph.registered_node_types}))""")
+        graph = graph_nodes(page)
         assert all(n["registered"] for n in graph), f"unregistered node types: {graph}"
         assert all(n["type"] in object_info for n in graph if not n["virtual"]), f"unknown to the server: {graph}"
         types = [n["type"] for n in graph]
@@ -162,7 +191,6 @@ def test_txt2img_template_runs_in_browser(server, browser):
 
         image = done["outputs"][save_id]["images"][0]
         out = server.output / image["subfolder"] / image["filename"]
-        from PIL import Image
         with Image.open(out) as im:
             assert im.size == (64, 64), im.size
         shown = page.evaluate("() => [...document.querySelectorAll('img')].map(i => i.src)")
@@ -191,13 +219,46 @@ def test_missing_node_warning_is_detected(server, browser):
     console, page = [], None
     try:
         page = open_app(browser, server, console)
-        wf = json.loads((oboro_env.REPO / "workflows" / f"{TEMPLATE}.json").read_text())
+        wf = json.loads((oboro_env.REPO / "example_workflows" / f"{TEMPLATE}.json").read_text())
         wf["nodes"][0]["type"] = "OboroNoSuchNodeForTheTest"
         page.evaluate("wf => app.loadGraphData(wf)", wf)
         page.get_by_role("dialog").filter(has_text=MISSING_NODES_TEXT).first.wait_for(timeout=30_000)
         assert any("OboroNoSuchNodeForTheTest" in t for t in missing_nodes_dialogs(page))
     except BaseException:
         diagnose(page, server, console, "browser_missing_nodes")
+        raise
+    finally:
+        if page is not None:
+            page.close()
+
+
+def test_templates_menu_lists_exactly_the_ui_workflows(server):
+    """No API-format twin (or anything else) shows up as a template that cannot load."""
+    assert sorted(http_json(server.url + "/workflow_templates").get(our_extension_name(), [])) == TEMPLATES
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_loads_from_the_menu(server, browser, name):
+    ext = our_extension_name()
+    object_info = http_json(server.url + "/object_info", timeout=60)
+    nodes = json.loads((oboro_env.REPO / "example_workflows" / f"{name}.json").read_text())["nodes"]
+    want = sorted(n["type"] for n in nodes)
+    console, page = [], None
+    try:
+        page = open_app(browser, server, console)
+        open_template(page, ext, name)
+        page.wait_for_function("n => app.graph.nodes.length === n", arg=len(want), timeout=30_000)
+        page.wait_for_timeout(1000)  # a missing-nodes or error dialog would open right after the graph loads
+        assert not missing_nodes_dialogs(page), f"{name}: missing-nodes dialog: {missing_nodes_dialogs(page)}"
+        assert not error_dialogs(page), f"{name}: load error: {error_dialogs(page)}"
+        assert not [c for c in console if c.startswith("pageerror")], f"{name}: page errors: {console}"
+        graph = graph_nodes(page)
+        assert sorted(n["type"] for n in graph) == want, f"{name}: loaded {graph}, file has {want}"
+        assert all(n["registered"] for n in graph), f"{name}: unregistered node types: {graph}"
+        unknown = [n for n in graph if not n["virtual"] and n["type"] not in object_info]
+        assert not unknown, f"{name}: node types unknown to the server: {unknown}"
+    except BaseException:
+        diagnose(page, server, console, f"browser_template_{name}")
         raise
     finally:
         if page is not None:

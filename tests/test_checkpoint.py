@@ -19,9 +19,17 @@ def model():
 
 
 def same_output(a, b):
+    """A round trip must give the same weights, bit for bit. The forward passes of two separately
+    built models are only equal to rounding: the loaded tensors have other memory layouts, and
+    CPU kernels may then sum in another order (4.8e-7 seen on one machine). Outputs here are O(1)
+    in fp32, so 1e-5 is ~100x that rounding and far below any real difference (a wrong key or
+    config changes outputs by > 1e-2)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    assert [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])] == []
     torch.manual_seed(1)
     args = (torch.randn(1, 16, 4, 6), torch.rand(1), torch.randn(1, 3, 32), torch.ones(1, 3))
-    torch.testing.assert_close(a(*args), b(*args), atol=0, rtol=0)
+    torch.testing.assert_close(a(*args), b(*args), atol=1e-5, rtol=0)
 
 
 def test_round_trip_with_header(model, tmp_path):

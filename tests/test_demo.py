@@ -1,27 +1,21 @@
 """The offline demo end to end, as `make run` starts it on a machine without model files:
 scripts/oboro-main lists the missing files, then runs scripts/oboro-demo's logic (runner/demo.py):
-procedural dataset, training workflow, txt2img on held-out prompts, report. Takes a few minutes."""
+procedural dataset, training workflow, txt2img on held-out prompts, report. Takes a few
+minutes; the run is conftest.py's `offline_demo` fixture, which the short mask evaluation reuses."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from test_main_job import MAIN, REPO, assert_missing_listed, make_bare_comfy
+from test_main_job import assert_missing_listed
 
 
-def test_main_job_without_models_runs_the_offline_demo(tmp_path):
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(MAIN), "--models", str(tmp_path / "models"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=900, cwd=REPO,
-                       env={**os.environ, "COMFYUI_PATH": str(make_bare_comfy(tmp_path))})
+def test_main_job_without_models_runs_the_offline_demo(offline_demo):
+    r, demo = offline_demo.result, offline_demo.demo  # conftest.py: scripts/oboro-main, no model files
     assert r.returncode == 0, r.stderr[-4000:]
     assert_missing_listed(r.stderr)
     assert "running the offline demo instead" in r.stderr
-    demo = out / "demo"
     assert f"oboro demo: report {demo.resolve() / 'report.json'}" in r.stdout
     report = json.loads((demo / "report.json").read_text())
 

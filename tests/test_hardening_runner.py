@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "scripts" / "oboro-run"
-WF = REPO / "workflows" / "oboro_txt2img.json"
+WF = REPO / "example_workflows" / "oboro_txt2img.json"
 CPU = [] if os.environ.get("OBORO_TEST_GPU") == "1" else ["--cpu"]
 FAST = ["--set", "OboroSampler.steps=1", "--set", "EmptyOboroLatentImage.width=32",
         "--set", "EmptyOboroLatentImage.height=32"]

@@ -147,7 +147,10 @@ def test_trained_lora_through_core_loader_matches_peft_model(comfy, tmp_path):
     assert not lora_layers(merged) and set(merged.state_dict()) == set(base.state_dict())
     torch.testing.assert_close(velocity(merged, x, sigma, ctx, mask), u, atol=1e-5, rtol=0)
     reloaded = load_lora(copy.deepcopy(base), path)
-    torch.testing.assert_close(velocity(reloaded, x, sigma, ctx, mask), u, atol=0, rtol=0)
+    want, got = lora_state_dict(model), lora_state_dict(reloaded)  # the file round-trips bit for bit...
+    assert set(want) == set(got) and [k for k in want if not torch.equal(want[k], got[k])] == []
+    # ...while two separately built models' outputs agree to fp32 rounding only (summation order)
+    torch.testing.assert_close(velocity(reloaded, x, sigma, ctx, mask), u, atol=1e-5, rtol=0)
 
 
 def test_full_finetune_checkpoint_loads_in_comfy(comfy):

@@ -222,8 +222,8 @@ def test_interrupt_leaves_resumable_state(comfy, setup):
 @pytest.mark.parametrize("name", ["oboro_lora_training", "oboro_full_finetune"])
 def test_training_workflow_twins(comfy, name):
     from oboro.runner import convert
-    ui = convert.load(REPO / "workflows" / f"{name}.json")
-    api = convert.load(REPO / "workflows" / f"{name}.api.json")
+    ui = convert.load(REPO / "example_workflows" / f"{name}.json")
+    api = convert.load(REPO / "workflows_api" / f"{name}.api.json")
     assert convert.is_ui(ui) and ui["version"] == 0.4 and not convert.is_ui(api)
     assert convert.to_api(ui, convert.local_node_defs()) == api
     kind = "OboroTrainLoRA" if "lora" in name else "OboroTrainFull"
@@ -240,7 +240,7 @@ def test_training_workflow_runs(comfy, setup, model_root, name):
     for kind in kinds:  # appended: the fixture's folders stay first
         folder_paths.add_model_folder_path(kind, str(model_root / kind))
     try:
-        api = convert.to_api(convert.load(REPO / "workflows" / f"{name}.json"), convert.local_node_defs())
+        api = convert.to_api(convert.load(REPO / "example_workflows" / f"{name}.json"), convert.local_node_defs())
         api["4"]["inputs"].update(dataset_dir=setup.data, area=64 * 64, cache_name=f"{SUB}_flux")
         out_name = f"tn_wf_{name}"
         api["5"]["inputs"].update(steps=2, batch_size=2, precision="fp32", warmup=0, preview_every=2, preview_steps=2,
