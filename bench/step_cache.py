@@ -73,9 +73,11 @@ RUNS = {"uncached": None,
         "EasyCache 0.05": ("EasyCache", (0.05, 0.15, 0.95, False)),
         "EasyCache 0.10": ("EasyCache", (0.10, 0.15, 0.95, False)),
         "EasyCache 0.20 (default)": ("EasyCache", (0.2, 0.15, 0.95, False)),
+        "EasyCache 0.30": ("EasyCache", (0.3, 0.15, 0.95, False)),
         "LazyCache 0.05": ("LazyCache", (0.05, 0.15, 0.95, False)),
         "LazyCache 0.10": ("LazyCache", (0.10, 0.15, 0.95, False)),
-        "LazyCache 0.20 (default)": ("LazyCache", (0.2, 0.15, 0.95, False))}
+        "LazyCache 0.20 (default)": ("LazyCache", (0.2, 0.15, 0.95, False)),
+        "LazyCache 0.30": ("LazyCache", (0.3, 0.15, 0.95, False))}
 if not a.no_compile:
     RUNS["TorchCompileModel (inductor)"] = ("TorchCompileModel", ("inductor",))
 if a.only:
