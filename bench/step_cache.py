@@ -125,6 +125,17 @@ for name, (images, full, seconds) in results.items():
     rows.append((name, full, ref_full / full, seconds / ref_time, psnr, ssim))
     print(f"| {name} | {full}/{ref_full} | {ref_full / full:.2f}x | {seconds / ref_time:.2f}x | {psnr:.1f} | {ssim:.3f} |")
 
+names = list(results)
+tile, n_show = 64, 6
+sheet = Image.new("RGB", (tile * len(names), tile * n_show), "white")
+for col, name in enumerate(names):
+    for row in range(n_show):
+        img = (results[name][0][row * a.seeds] * 255).round().astype(np.uint8)
+        sheet.paste(Image.fromarray(img).resize((tile, tile), Image.Resampling.NEAREST), (col * tile, row * tile))
+Path(a.sheet).parent.mkdir(parents=True, exist_ok=True)
+sheet.save(a.sheet)
+print("contact sheet (columns: " + ", ".join(names) + "):", a.sheet)
+
 tay = [r for r in rows if r[0].startswith("taylor")]
 if not tay:
     sys.exit(0)
@@ -137,14 +148,3 @@ q = (f"PSNR {max(r[4] for r in within):.1f} dB" if within else
                                                                         min(core, key=lambda r: r[1])[4]))
 print(f"taylor: full forwards {best[1]}/{ref_full} (speed-up {best[2]:.2f} x), PSNR {best[4]:.1f} dB; "
       f"best core cache at <= {best[1]} forwards: {q}   [{best[0]}]")
-
-names = list(results)
-tile, n_show = 64, 6
-sheet = Image.new("RGB", (tile * len(names), tile * n_show), "white")
-for col, name in enumerate(names):
-    for row in range(n_show):
-        img = (results[name][0][row * a.seeds] * 255).round().astype(np.uint8)
-        sheet.paste(Image.fromarray(img).resize((tile, tile), Image.Resampling.NEAREST), (col * tile, row * tile))
-Path(a.sheet).parent.mkdir(parents=True, exist_ok=True)
-sheet.save(a.sheet)
-print("contact sheet (columns: " + ", ".join(names) + "):", a.sheet)
