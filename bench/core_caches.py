@@ -10,43 +10,16 @@ colour + position + shape + background; "max |diff|" is against the uncached ima
 
     .venv/bin/python bench/core_caches.py [--demo out/demo]   (run scripts/oboro-demo first)
 """
-import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import oboro_env  # noqa: E402
+from demo_comfy import parser, start
 
-REPO = Path(__file__).resolve().parents[1]
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--demo", default=str(REPO / "out" / "demo"), help="an oboro-demo output folder")
-p.add_argument("--seeds", type=int, default=2)
-p.add_argument("--threads", type=int, default=1)
-a = p.parse_args()
-models = Path(a.demo) / "models"
-if not (models / "diffusion_models" / "oboro-demo.safetensors").is_file():
-    sys.exit(f"no trained demo model in {models}: run scripts/oboro-demo --out {a.demo} first")
-
-oboro_env.add_comfy_to_path()
-from comfy.cli_args import args  # noqa: E402
-
-args.cpu = True
+a = parser(__doc__).parse_args()
+env = start(a)
 import torch  # noqa: E402
 
-oboro_env.import_oboro()
-from oboro.oboro_model import demo_data as dd  # noqa: E402
-from oboro.runner import demo, embedded  # noqa: E402
-
-torch.set_num_threads(a.threads)
-embedded.start(cpu=True, model_dirs={k: str(models / k) for k in ("diffusion_models", "text_encoders", "vae")})
-import nodes as comfy_nodes  # noqa: E402  (ComfyUI's)
-
-N = comfy_nodes.NODE_CLASS_MAPPINGS
-base = N["OboroModelLoader"].execute("oboro-demo.safetensors", "fp32")[0]
-clip = N["OboroT5Loader"].execute(t5_name=demo.T5_FILE)[0]
-vae = N["VAELoader"]().load_vae("pixel_space")[0]
-neg = N["OboroTextEncode"].execute(clip=clip, text="")[0]
+N, comfy_nodes, demo, dd = env.nodes, env.comfy_nodes, env.demo, env.dd
+base, clip, vae, neg, models = env.base, env.clip, env.vae, env.neg, env.models
 prompts = demo.held_out_prompts()
 CACHES = {"none (baseline)": None,
           "EasyCache (defaults: 0.2, 0.15-0.95)": ("EasyCache", 0.2, 0.15, 0.95, False),

@@ -9,50 +9,26 @@ sheet (rows: prompts; columns: uncached, then each run) to --sheet.
 
     .venv/bin/python bench/step_cache.py [--demo out/demo] [--sheet docs/step_cache.png]
 """
-import argparse
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import oboro_env  # noqa: E402
+from demo_comfy import REPO, parser, start
 
-REPO = Path(__file__).resolve().parents[1]
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--demo", default=str(REPO / "out" / "demo"), help="an oboro-demo output folder")
-p.add_argument("--seeds", type=int, default=2)
+p = parser(__doc__)
 p.add_argument("--steps", type=int, default=30)
-p.add_argument("--threads", type=int, default=1)
 p.add_argument("--sheet", default=str(REPO / "out" / "step_cache.png"))
 p.add_argument("--no-compile", action="store_true")
 p.add_argument("--only", default="", help="comma-separated name prefixes of the runs to do (the uncached one always runs)")
 a = p.parse_args()
-models = Path(a.demo) / "models"
-if not (models / "diffusion_models" / "oboro-demo.safetensors").is_file():
-    sys.exit(f"no trained demo model in {models}: run scripts/oboro-demo --out {a.demo} first")
-
-oboro_env.add_comfy_to_path()
-from comfy.cli_args import args  # noqa: E402
-
-args.cpu = True
+env = start(a)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity  # noqa: E402
 
-oboro_env.import_oboro()
-from oboro.oboro_model import demo_data as dd  # noqa: E402
-from oboro.runner import demo, embedded  # noqa: E402
-
-torch.set_num_threads(a.threads)
-embedded.start(cpu=True, model_dirs={k: str(models / k) for k in ("diffusion_models", "text_encoders", "vae")})
-import nodes as comfy_nodes  # noqa: E402  (ComfyUI's)
-
-N = comfy_nodes.NODE_CLASS_MAPPINGS
-base = N["OboroModelLoader"].execute("oboro-demo.safetensors", "fp32")[0]
-clip = N["OboroT5Loader"].execute(t5_name=demo.T5_FILE)[0]
-vae = N["VAELoader"]().load_vae("pixel_space")[0]
-neg = N["OboroTextEncode"].execute(clip=clip, text="")[0]
+N, comfy_nodes, demo, dd = env.nodes, env.comfy_nodes, env.demo, env.dd
+base, clip, vae, neg, models = env.base, env.clip, env.vae, env.neg, env.models
 control = [("circle", "red", "white", "center"), ("square", "blue", "black", "left"),
            ("triangle", "yellow", "gray", "right")]
 prompts = demo.held_out_prompts() + control
