@@ -117,6 +117,9 @@ def check_finite(sd: Mapping[str, torch.Tensor], name: str, chunk: int = 1 << 24
                                   "file is damaged or comes from a diverged training run")
 
 
+SCALED_FP8_EXTRAS = ("scaled_fp8", ".scale_weight", ".scale_input")
+
+
 def check_config_fits(sd: Mapping[str, torch.Tensor], config: OboroConfig, name: str) -> None:
     """A header config must describe the tensors in the file, checked on the meta device (nothing
     allocated) BEFORE anyone builds the model: a header claiming a huge model is an error naming
@@ -127,7 +130,10 @@ def check_config_fits(sd: Mapping[str, torch.Tensor], config: OboroConfig, name:
                               f"{len(found)} blocks; header and tensors do not match")
     with torch.device("meta"):
         model = MMHDiT(config)
-    check_state_dict(model, sd, name)
+    # ComfyUI's scaled-fp8 files add a `scaled_fp8` marker and per-layer scale scalars; the ComfyUI
+    # loader (nodes/comfy_model.py) consumes them, the pure model has no such keys.
+    extras = SCALED_FP8_EXTRAS if SCALED_FP8_EXTRAS[0] in sd else ()
+    check_state_dict(model, sd, name, optional_suffixes=extras)
 
 
 def _check_not_pickle(path: Path) -> None:
