@@ -88,11 +88,11 @@ class OboroTaylorCache(io.ComfyNode):
                         "when the first block's forecast is within that relative error (confidence-gated).",
             inputs=[
                 io.Model.Input("model"),
-                io.Int.Input("order", default=2, min=1, max=3, tooltip="Taylor order (uses order + 1 full steps)."),
+                io.Int.Input("order", default=1, min=1, max=3, tooltip="Taylor order (uses order + 1 full steps)."),
                 io.Int.Input("warmup_steps", default=3, min=1, max=1000, tooltip="Full steps at the start."),
-                io.Int.Input("max_forecasts", default=6, min=0, max=100,
+                io.Int.Input("max_forecasts", default=2, min=0, max=100,
                              tooltip="Forecast steps in a row before a full step is forced (0: never forecast)."),
-                io.Float.Input("threshold", default=0.1, min=0.0, max=10.0, step=0.005,
+                io.Float.Input("threshold", default=0.0, min=0.0, max=10.0, step=0.005,
                                tooltip="0: fixed schedule; > 0: forecast only when the first block's forecast "
                                        "relative error is below this."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01),
