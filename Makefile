@@ -9,7 +9,7 @@ run: setup
 	$(PY) scripts/oboro-main $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 bench: setup
 	$(PY) bench/forward_vs_nextdit.py

@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from test_main_job import assert_missing_listed
+
+# One pytest-xdist worker runs the offline demo once for both files (the `offline_demo` fixture).
+pytestmark = pytest.mark.xdist_group("offline_demo")
 
 
 def test_main_job_without_models_runs_the_offline_demo(offline_demo):

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# One pytest-xdist worker runs the offline demo once for both files (the `offline_demo` fixture).
+pytestmark = pytest.mark.xdist_group("offline_demo")
+
 REPO = Path(__file__).resolve().parents[1]
 SHORT_STEPS, MARGIN = 400, 0.15  # the short evaluation's adapter steps; its required lead over ignoring the mask
 
