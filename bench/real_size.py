@@ -33,6 +33,7 @@ oboro_env.import_oboro()
 from oboro.oboro_model.config import PRESETS, preset  # noqa: E402
 from oboro.oboro_model.model import MMHDiT  # noqa: E402
 from oboro.oboro_model.training import Trainer, TrainConfig  # noqa: E402
+from oboro.oboro_model.training.frozen_base import STORAGE_DTYPES, frozen_base_model  # noqa: E402
 from oboro.oboro_model.training.memory import GiB, VAE_FACTOR, plan_memory  # noqa: E402
 from oboro.oboro_model.training.run import LoraSpec, add_seeded_lora  # noqa: E402
 
@@ -47,7 +48,12 @@ def rss() -> int:
 def run(cfg, lora, args, dev, side: int, text: int, steps: int) -> list[float]:
     """Build the model on `dev` and time `steps` Trainer steps on synthetic data; -> seconds per step."""
     torch.manual_seed(0)
-    model = MMHDiT(cfg, device=dev).initialize_weights()
+    narrow = lora is not None and args.base_dtype != "fp32"
+    # A LoRA's frozen base is built in its storage dtype straight away (an fp32 init first would
+    # be the peak), then held as the engine holds it (frozen_base.py).
+    model = MMHDiT(cfg, device=dev, dtype=STORAGE_DTYPES[args.base_dtype] if narrow else None).initialize_weights()
+    if narrow:
+        model = frozen_base_model(cfg, model.state_dict())
     if lora is not None:
         add_seeded_lora(model, lora, 0)
     g = torch.Generator().manual_seed(0)
@@ -75,6 +81,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--targets", default="attn", choices=("attn", "mlp", "all"))
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "schedulefree"))
     ap.add_argument("--precision", default="bf16", choices=("no", "bf16", "fp16"))
+    ap.add_argument("--base-dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp8_e4m3fn"),
+                    help="LoRA: storage dtype of the frozen base (the engine keeps the MODEL's own)")
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--resolution", type=int, default=512, help="image side in pixels (latent = /8)")
     ap.add_argument("--batch", type=int, default=1)
@@ -91,7 +99,8 @@ def main(argv=None) -> dict:
     f = 1 if cfg.in_channels == 3 else VAE_FACTOR
     side = args.resolution // f
     ckpt = not args.no_checkpointing
-    plan = plan_memory(args.preset, lora, args.optimizer, args.precision, None, args.batch, args.resolution,
+    base_dtype = args.base_dtype if lora is not None else "fp32"
+    plan = plan_memory(args.preset, lora, args.optimizer, args.precision, base_dtype, args.batch, args.resolution,
                        text_tokens=args.text_tokens, gradient_checkpointing=ckpt,
                        device="cuda" if dev.type == "cuda" else "cpu")
     print(plan.table(), flush=True)
@@ -117,7 +126,7 @@ def main(argv=None) -> dict:
         reserved = None
         backend = f"CPU, {torch.get_num_threads()} threads"
     timed = times[1:] or times
-    result = {"preset": args.preset, "mode": args.mode, "resolution": args.resolution, "batch": args.batch,
+    result = {"preset": args.preset, "mode": args.mode, "base_dtype": base_dtype, "resolution": args.resolution, "batch": args.batch,
               "precision": args.precision, "checkpointing": ckpt, "optimizer": args.optimizer, "device": str(dev),
               "backend": backend, "plan_gib": round(plan.total / GiB, 3), "measured_gib": round(measured / GiB, 3),
               "reserved_gib": None if reserved is None else round(reserved / GiB, 3),

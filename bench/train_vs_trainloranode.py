@@ -67,6 +67,9 @@ p.add_argument("--warmup-steps", type=int, default=1, help="steps excluded from 
 p.add_argument("--rank", type=int, default=8)
 p.add_argument("--lr", type=float, default=5e-4)
 p.add_argument("--checkpointing", choices=["on", "off"], default="on", help="gradient checkpointing, both")
+p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+               help="the MODEL's weight_dtype (OboroModelLoader) and both trainers' compute dtype (ours: precision, "
+                    "keeping a LoRA's frozen base as the MODEL stores it; core: training_dtype); LoRAs fp32 in both")
 p.add_argument("--threads", type=int, default=1,
                help="torch threads per trainer; 1 by default: on a shared CPU, 2 OpenMP threads stall each other")
 p.add_argument("--comfy-attention", choices=["pytorch", "default"], default="pytorch",
@@ -155,12 +158,12 @@ def child(kind: str, root: Path) -> None:
     comfy.utils.set_progress_bar_global_hook(hook)
 
     ckpt = a.checkpointing == "on"
-    g = {"m": {"class_type": "OboroModelLoader", "inputs": {"model_name": MODEL_FILE, "weight_dtype": "fp32"}}}
+    g = {"m": {"class_type": "OboroModelLoader", "inputs": {"model_name": MODEL_FILE, "weight_dtype": a.dtype}}}
     if kind == "ours":
         g["train"] = {"class_type": "OboroTrainLoRA", "inputs": {
             "model": ["m", 0], "cache_dir": str(root / "cache"), "output_name": "bench_ours", "steps": a.steps,
             "batch_size": a.batch, "lr": a.lr, "warmup": 0, "schedule": "constant", "optimizer": "adamw",
-            "grad_accum": 1, "clip_grad_norm": 0.0, "precision": "fp32", "gradient_checkpointing": ckpt,
+            "grad_accum": 1, "clip_grad_norm": 0.0, "precision": a.dtype, "gradient_checkpointing": ckpt,
             "caption_dropout": 0.0, "t_sampling": "uniform", "spike_guard": False, "seed": 0,
             "checkpoint_every": 0, "keep_last": 1, "rank": a.rank, "alpha": 1.0, "dropout": 0.0, "targets": "all"}}
     else:
@@ -168,7 +171,7 @@ def child(kind: str, root: Path) -> None:
         g["train"] = {"class_type": "TrainLoraNode", "inputs": {
             "model": ["m", 0], "latents": ["data", 0], "positive": ["data", 1], "batch_size": a.batch,
             "grad_accumulation_steps": 1, "steps": a.steps, "learning_rate": a.lr, "rank": a.rank,
-            "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": "fp32",
+            "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": a.dtype,
             "lora_dtype": "fp32", "algorithm": "LoRA", "gradient_checkpointing": ckpt, "existing_lora": "[None]"}}
         g["save"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["train", 1], "prefix": "loras/bench_core",
                                                           "steps": ["train", 3]}}
@@ -330,7 +333,7 @@ def main():
         else:
             shutil.rmtree(root, ignore_errors=True)
     tokens = 1 + (a.latent // 2) ** 2
-    print(f"torch {torch.__version__}, {a.threads} threads, fp32 CPU ({os.cpu_count()} cores visible; other "
+    print(f"torch {torch.__version__}, {a.threads} threads, {a.dtype} CPU ({os.cpu_count()} cores visible; other "
           f"jobs may share them: timings are noisy); one run per trainer, each in its own process")
     print(f"model: hidden {a.hidden}, depth {a.depth}, heads {info['heads']}, mlp {a.mlp}, text_dim {a.text_dim}, "
           f"{info['params'] / 1e6:.2f}M params; data: {a.n} items, {a.channels}x{a.latent}x{a.latent} latents "

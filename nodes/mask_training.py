@@ -144,7 +144,7 @@ class OboroTrainMaskAdapter(io.ComfyNode):
             empty = ((cache.empty_text, cache.empty_mask) if cache.empty_text is not None
                      else encode_plain(clip, "", int(cache.settings.get("max_tokens", 256))))
         device = mm.get_torch_device()
-        weights = _plain_weights(model, device)
+        weights, _ = _plain_weights(model, device)  # fp32: the adapter reads the base layers directly
         mm.unload_all_models()
         with torch.inference_mode(False), torch.enable_grad(), seeded_rng(seed, device):
             with torch.device("meta"):

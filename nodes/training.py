@@ -3,8 +3,9 @@ the pure-PyTorch Trainer, inside ComfyUI.
 
 ComfyUI runs nodes under torch.inference_mode(), and its MODEL's weights are inference tensors
 behind ComfyUI's ops. Training therefore runs on a fresh plain MMHDiT (torch.nn + sdpa) holding
-fp32 copies of the MODEL's weights (patches such as LoRAs merged in), made and trained with
-inference mode off. Outputs: a LoRA (ComfyUI key format) in models/loras, applied to the input
+the MODEL's weights (patches such as LoRAs merged in) outside inference mode: fp32 copies for a full
+fine-tune; for a LoRA the frozen base as the MODEL stores it (bf16 / fp8, aliased when possible;
+oboro_model/training/frozen_base.py). Outputs: a LoRA (ComfyUI key format) in models/loras, applied to the input
 MODEL exactly as LoraLoaderModelOnly applies the saved file; or a full checkpoint in
 models/diffusion_models, loaded back with load_oboro_model. Resumable training states go to
 output/oboro_training/<output_name>/; interrupting writes one, then re-raises the interrupt.
@@ -32,6 +33,7 @@ from ..oboro_model import MMHDiT, save_checkpoint
 from ..oboro_model.checkpoint import check_state_dict
 from ..oboro_model.data import LatentCache, ScaleShift
 from ..oboro_model.training import StopTraining, TrainConfig
+from ..oboro_model.training.frozen_base import frozen_base_model, linear_dtype
 from ..oboro_model.training.job import Job
 from ..oboro_model.training.loss import T_SAMPLING
 from ..oboro_model.training.memory import log_plan
@@ -87,23 +89,33 @@ def _send_text(text: str) -> None:
         server.send_progress_text(text, ctx.node_id)
 
 
-def _plain_weights(model, device, share: bool = False) -> dict:
-    """fp32 copies of the MODEL's diffusion weights with its patches merged (as ComfyUI's own
-    checkpoint saving does), made outside inference mode so autograd may use them. With `share`
-    (LoRA on an unpatched model: the base stays frozen, nothing writes to it) fp32 weights already
-    on `device` are aliased instead of copied, saving a full copy of the model in memory."""
+def _plain_weights(model, device, lora: bool = False) -> tuple[dict, dict]:
+    """The MODEL's diffusion weights with its patches merged (as ComfyUI's own checkpoint saving
+    does), made outside inference mode so autograd may use them, and the scaled-fp8 factors
+    {weight key: scale}. Full training gets fp32 copies. A LoRA's frozen base keeps every weight
+    in the MODEL's storage dtype (frozen_base.py casts per layer); on an unpatched MODEL whose
+    weights already sit on `device` they are aliased, not copied, so the model exists once."""
+    share = lora
     if model.patches:
         mm.load_models_gpu([model], force_patch_weights=True)
-        share = False
+        share = False  # unpatching restores ComfyUI's tensors in place: keep our own merged copy
     sd = model.model.diffusion_model.state_dict()
     device = torch.device(device)
+    scales = {k[: -len(".scale_weight")] + ".weight": v for k, v in sd.items() if k.endswith(".scale_weight")}
     with torch.inference_mode(False):
         def plain(v):
-            if share and v.dtype == torch.float32 and v.device == device:
+            dtype = v.dtype if lora else torch.float32
+            if share and v.dtype == dtype and v.device == device:
                 return torch.empty(0, dtype=v.dtype, device=v.device).set_(
                     v.untyped_storage(), v.storage_offset(), v.shape, v.stride())
-            return v.detach().to(device=device, dtype=torch.float32, copy=True)
-        return {k: plain(v) for k, v in sd.items()}
+            return v.detach().to(device=device, dtype=dtype, copy=True)
+        weights = {k: plain(v) for k, v in sd.items()}
+        if lora:
+            return weights, {k: plain(v).float() for k, v in scales.items() if v is not None}
+        for k, s in scales.items():  # full training: dequantise scaled fp8 into the fp32 copy
+            if s is not None and k in weights:
+                weights[k] = weights[k] * s.to(device=device, dtype=torch.float32)
+        return weights, {}
 
 
 def drive(trainer, job: Job, node: str, stem: str, on_step=None) -> None:
@@ -190,8 +202,9 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
     if empty[0] is None and clip is not None:  # an older cache: encode it here
         empty = encode_plain(clip, "", max_tokens)
     device = mm.get_torch_device()
-    log_plan(log, node, config, cfg, lora, cache.folder, device.type)
-    weights = _plain_weights(model, device, share=kind == "lora")
+    base_dtype = linear_dtype(dm) if kind == "lora" else torch.float32  # the frozen base stays as stored
+    log_plan(log, node, config, cfg, lora, cache.folder, device.type, base_dtype=base_dtype)
+    weights, scales = _plain_weights(model, device, lora=kind == "lora")
     mm.unload_all_models()
     mm.soft_empty_cache()
     amp = PRECISIONS[cfg.precision]
@@ -199,8 +212,11 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
         with torch.device("meta"):
             net = MMHDiT(config)
         weights = {k: weights[k] for k in net.state_dict() if k in weights}
-        check_state_dict(net, weights, f"{node} input MODEL")
-        net.load_state_dict(weights, strict=True, assign=True)
+        if kind == "lora":  # the frozen base stays in the MODEL's dtype (bf16 / fp8): no fp32 copy
+            net = frozen_base_model(config, weights, scales=scales, name=f"{node} input MODEL")
+        else:
+            check_state_dict(net, weights, f"{node} input MODEL")
+            net.load_state_dict(weights, strict=True, assign=True)
         del weights
         trainer = build_trainer(net, cache, cfg, lora, empty=empty)
         job.start(trainer)
@@ -224,7 +240,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
             save_lora(target, net, metadata=info)
         else:
             save_checkpoint(target, CastForSaving(net, SAVE_DTYPES[save_dtype]), metadata=info)
-        summary = job.summary(trainer, path=str(target), items=len(cache),
+        summary = job.summary(trainer, path=str(target), items=len(cache), base_dtype=str(linear_dtype(net))[6:],
                               preview_steps=previews.row_steps if previews is not None else [])
         trainer = net = None  # (the scheduler's lambdas make a cycle: collect before freeing the cache)
     gc.collect()

@@ -162,3 +162,27 @@ def test_lora_node_resumed_cli_and_ddp_give_the_same_weights(comfy, setup):
     ddp = load_file(str(setup.work / "ddp_lora" / "lora.safetensors"))
     assert worst(node, ddp) <= TOL
     assert max(v.abs().max().item() for k, v in node.items() if "lora_up" in k) > 1e-6  # B moved from 0
+
+
+def test_lora_on_a_bf16_model_keeps_the_base_bf16_and_matches_the_cli(comfy, setup):
+    """OboroModelLoader's bf16 MODEL trains a LoRA on its frozen base as stored (no fp32 copy:
+    frozen_base.py casts per layer, exactly, at fp32 compute); oboro-train on the same weights saved
+    in bf16 (base_dtype "stored", the default) gives the same LoRA."""
+    g = loaders()
+    g["m"]["inputs"]["weight_dtype"] = "bf16"
+    train = {"model": ["m", 0], "cache_dir": str(setup.cache), "output_name": "eq_lora_bf16", "steps": K // 2,
+             "precision": "fp32", **TRAINING, **LORA}
+    g = {"m": g["m"], "train": {"class_type": "OboroTrainLoRA", "inputs": train}}
+    s = json.loads(comfy.run(g)["outputs"]["train"]["text"][0])
+    assert s["base_dtype"] == "bfloat16"
+    node = load_file(s["path"])
+
+    bf16 = setup.work / "base16_bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(setup.base)).items()}, str(bf16))
+    cfg = write_config(setup, "cli_lora_bf16", K // 2, lora=True)
+    cfg.write_text(cfg.read_text().replace(str(setup.base), str(bf16)))
+    log = run_cli(cfg)
+    assert "base bfloat16" in log  # the memory plan at start counts the bf16 base
+    cli = load_file(str(setup.work / "cli_lora_bf16" / "lora.safetensors"))
+    assert worst(node, cli) <= TOL
+    assert max(v.abs().max().item() for k, v in node.items() if "lora_up" in k) > 1e-6  # B moved from 0

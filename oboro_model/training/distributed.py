@@ -30,6 +30,8 @@ CONFIG.toml (relative paths are relative to the file):
     alpha = 16
     dropout = 0.0
     targets = "attn"                  # attn | mlp | all | [module paths or suffixes]
+    base_dtype = "stored"             # the frozen base's Linear weights: stored (the checkpoint's
+                                      # dtype) | fp32 | bf16 | fp16 | fp8_e4m3fn | fp8_e5m2
 
     [output]
     dir = "runs/my-run"               # training states (step_*.safetensors) and the final export
@@ -54,11 +56,12 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..config import PRESETS, OboroConfig, preset
 from ..model import MMHDiT
 from ..data import LatentCache
 from ..data.cache import MANIFEST
+from .frozen_base import frozen_base_model, linear_dtype, storage_dtype
 from .run import LoraSpec, build_trainer, check_cache_fits, open_cache
 from .job import Job
 from .memory import log_plan
@@ -67,7 +70,7 @@ from .trainer import LocalProcess, Trainer, TrainConfig
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("model", "data", "training", "lora", "output")
-LORA_KEYS = ("rank", "alpha", "dropout", "targets")
+LORA_KEYS = ("rank", "alpha", "dropout", "targets", "base_dtype")
 OUTPUT_KEYS = ("dir", "name", "resume", "log_every")
 MODEL_KEYS = ("preset", "config", "seed", "checkpoint")
 
@@ -140,21 +143,31 @@ def _path(base: Path, p) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def build_model(spec: Union[str, Mapping[str, Any]], base_dir=".") -> MMHDiT:
-    """A preset name (fresh init) or a checkpoint path (fp32 weights), or the [model] table."""
+def build_model(spec: Union[str, Mapping[str, Any]], base_dir=".", lora_base: Optional[str] = None) -> MMHDiT:
+    """A preset name (fresh init) or a checkpoint path (fp32 weights), or the [model] table. With
+    `lora_base` (a LoRA run's [lora] base_dtype) the model is a frozen base whose Linear weights
+    stay in that storage dtype ("stored": the checkpoint's own) instead of an fp32 copy."""
     base = Path(base_dir)
     if isinstance(spec, str):
         spec = {"preset": spec} if spec in PRESETS else {"checkpoint": spec}
     _check_keys("model", spec, MODEL_KEYS)
+    dtype = None if lora_base is None else storage_dtype(lora_base)
     if "checkpoint" in spec:
         if "preset" in spec or "config" in spec:
             raise ValueError("[model]: give either checkpoint or preset (+ config), not both")
-        return load_checkpoint(_path(base, spec["checkpoint"]), dtype=torch.float32).train()
+        path = _path(base, spec["checkpoint"])
+        if lora_base is None:
+            return load_checkpoint(path, dtype=torch.float32).train()
+        sd, config, _ = read_checkpoint(path)
+        return frozen_base_model(config, sd, dtype, name=str(path)).train()
     if "preset" not in spec:
         raise ValueError("[model]: needs `preset` or `checkpoint`")
     config: OboroConfig = preset(spec["preset"], **dict(spec.get("config", {})))
     gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
-    return MMHDiT(config).initialize_weights(gen)
+    net = MMHDiT(config).initialize_weights(gen)
+    if dtype is not None and dtype != torch.float32:
+        net = frozen_base_model(config, net.state_dict(), dtype, name=spec["preset"]).train()
+    return net
 
 
 def model_config(spec: Union[str, Mapping[str, Any]], base_dir=".") -> tuple[OboroConfig, str]:
@@ -195,14 +208,35 @@ def plan_from_config(cfg: Union[str, Path, Mapping], device: Optional[str] = Non
         latent = (resolution // f, resolution // f)
     data = (cfg.get("data") or {}).get("path")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return plan_for_training(config, tc, None if lora is None else lora_spec(lora),
-                             None if data is None else _path(base, data), device, latent, text_tokens, name=name)
+    spec = None if lora is None else lora_spec(lora)
+    return plan_for_training(config, tc, spec, None if data is None else _path(base, data), device, latent,
+                             text_tokens, base_dtype=None if spec is None else _base_dtype(cfg["model"], base, spec),
+                             name=name)
+
+
+def _base_dtype(model_spec, base: Path, spec: LoraSpec) -> torch.dtype:
+    """The dtype a LoRA run keeps its frozen base in: [lora] base_dtype, or the checkpoint's own."""
+    dtype = storage_dtype(spec.base_dtype)
+    if dtype is not None:
+        return dtype
+    if isinstance(model_spec, str):
+        model_spec = {"preset": model_spec} if model_spec in PRESETS else {"checkpoint": model_spec}
+    if "checkpoint" not in model_spec:
+        return torch.float32
+    from safetensors import safe_open
+    with safe_open(str(_path(base, model_spec["checkpoint"])), framework="pt") as f:
+        key = next(k for k in f.keys() if k.endswith("attn.qkv.weight"))
+        return {"BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn,
+                "F8_E5M2": torch.float8_e5m2}.get(f.get_slice(key).get_dtype(), torch.float32)
 
 
 def lora_spec(table: Mapping) -> LoraSpec:
     targets = table.get("targets", "attn")
+    base_dtype = str(table.get("base_dtype", "stored"))
+    storage_dtype(base_dtype)  # a clear error for an unknown name, before anything loads
     return LoraSpec(int(table.get("rank", 16)), None if table.get("alpha") is None else float(table["alpha"]),
-                    float(table.get("dropout", 0.0)), targets if isinstance(targets, str) else tuple(targets))
+                    float(table.get("dropout", 0.0)), targets if isinstance(targets, str) else tuple(targets),
+                    base_dtype)
 
 
 def train_config(cfg: Mapping, output_dir: Optional[Path]) -> TrainConfig:
@@ -249,17 +283,18 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     # Same seed on every rank: identical LoRA init and dropout streams (DDP also broadcasts rank 0's
     # weights), and the saved torch RNG state is then valid for every rank on resume.
     torch.manual_seed(tc.seed)
-    model = build_model(cfg["model"], base)
+    spec = None if lora is None else lora_spec(lora)
+    model = build_model(cfg["model"], base, None if spec is None else spec.base_dtype)
     data = load_cached_dataset(_path(base, cfg["data"]["path"]))
     check_cache_fits(data, model.config, "[data]")
-    spec = None if lora is None else lora_spec(lora)
     tr = build_trainer(model.to(accelerator.device), data, tc, spec, dist=dist)
     job = None
     if tc.output_dir:  # the nodes' bookkeeping: resume point, loss_log.json, summary
         job = Job(tc.output_dir, "latest" if out.get("resume", True) else "", "oboro-train", is_main=dist.is_main)
         job.start(tr)
     if dist.is_main:
-        log_plan(logger, "oboro-train", model.config, tc, spec, data.folder, accelerator.device.type)
+        log_plan(logger, "oboro-train", model.config, tc, spec, data.folder, accelerator.device.type,
+                 base_dtype=None if spec is None else linear_dtype(model))
         logger.info("training %s on %d samples: %d process(es) x batch %d x accum %d = global batch %d, "
                     "%d trainable tensors, step %d -> %d", "LoRA" if lora is not None else "all weights",
                     len(data), dist.world_size, tc.batch_size, tc.grad_accum,

@@ -4,8 +4,8 @@ A studio has to know whether LoRA or full training of oboro-base-1b at 512² fit
 it rents one, so the plan is computed from the architecture and the run settings alone (the model
 is only built on the meta device, to count parameters). What it counts, in bytes:
 
-- weights: every parameter in its storage dtype (`base_dtype`: the engine keeps fp32 today; a
-  LoRA's own weights are always fp32);
+- weights: every parameter in its storage dtype (`base_dtype`: full training keeps fp32; a LoRA's
+  frozen base keeps the model's storage dtype, frozen_base.py; the LoRA's own weights are fp32);
 - gradients: one fp32 gradient per trainable parameter (all of them, after the backward pass);
 - optimizer: AdamW and ScheduleFree AdamW 2 fp32 tensors per trainable parameter, 8-bit AdamW 2
   bytes (bitsandbytes: two 8-bit moments); `ema` adds one fp32 copy (kept in `ema`);
@@ -63,7 +63,8 @@ _ACT = {  # (mode, autocast): (a, b, c)
 _ACT_CKPT_FIXED = {"full": 13.2, "lora": 5.3}  # c with checkpointing (bytes per token·hidden)
 _OPT_BYTES = {"adamw": 8.0, "schedulefree": 8.0, "adamw8bit": 2.0}
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16, "fp8": torch.float8_e4m3fn}
+           "fp16": torch.float16, "float16": torch.float16, "fp8": torch.float8_e4m3fn,
+           "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class MemoryPlan:
         f = lambda b: f"{b / div:.2f}"  # noqa: E731
         s = self.settings
         return (f"memory plan ({s['model']}, batch {s['batch_size']} x {self.tokens} tokens, {s['precision']}, "
+                f"base {s['base_dtype']}, "
                 f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}): peak {f(self.total)} {unit} = "
                 f"weights {f(self.weights)} + optimizer {f(self.optimizer)} + EMA {f(self.ema)} + the larger of "
                 f"activations {f(self.activations)} and gradients {f(self.gradients)} + step {f(self.step)}")
@@ -151,8 +153,8 @@ def plan_memory(config: Union[str, OboroConfig], lora=None, optimizer: str = "ad
                 ema: bool = False, device: str = "cuda", latent_size: Optional[tuple[int, int]] = None) -> MemoryPlan:
     """The memory of one training run (module docstring). `config`: an OboroConfig or preset name;
     `lora`: a LoraSpec (run.py) or None for full training; `precision`: TrainConfig's no | bf16 |
-    fp16 (autocast); `base_dtype`: storage dtype of the weights (fp32 today; bf16 / fp8 for a
-    frozen LoRA base); height/width in pixels (latent = pixels / 8, or = pixels for a 3-channel
+    fp16 (autocast); `base_dtype`: storage dtype of the weights (fp32 for full training;
+    a frozen LoRA base keeps bf16 / fp8); height/width in pixels (latent = pixels / 8, or = pixels for a 3-channel
     pixel-space model; tokens = latent / patch), or
     `latent_size` (h, w) in latent cells (e.g. a pixel-space model's latents); `device`: "cuda"
     (foreach optimiser temporaries) or "cpu"."""
@@ -231,10 +233,12 @@ def plan_for_training(config: OboroConfig, train_config, lora=None, cache=None, 
     return plan
 
 
-def log_plan(log, what: str, config: OboroConfig, train_config, lora=None, cache=None, device: str = "cuda") -> None:
+def log_plan(log, what: str, config: OboroConfig, train_config, lora=None, cache=None, device: str = "cuda",
+             base_dtype=None) -> None:
     """Log a run's plan as one line at its start; a planner failure only warns (it never stops a run)."""
     try:
-        log.info("%s: %s", what, plan_for_training(config, train_config, lora, cache, device).line())
+        plan = plan_for_training(config, train_config, lora, cache, device, base_dtype=base_dtype)
+        log.info("%s: %s", what, plan.line())
     except Exception as e:  # noqa: BLE001  (the plan is advice; training goes on without it)
         log.warning("%s: no memory plan (%s: %s)", what, type(e).__name__, e)
 

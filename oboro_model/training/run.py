@@ -25,6 +25,7 @@ class LoraSpec:
     alpha: Optional[float] = None      # None: rank (scale 1)
     dropout: float = 0.0
     targets: Union[str, tuple] = "attn"  # attn | mlp | all | module paths or suffixes
+    base_dtype: str = "stored"         # the frozen base's storage dtype (frozen_base.STORAGE_DTYPES)
 
 
 def open_cache(path, transform="manifest", what: str = "training") -> LatentCache:
