@@ -24,7 +24,8 @@ class Tracker:
         self.logging_dir = Path(logging_dir)
         if kind == "none" or not is_main:
             return
-        from accelerate import tracking
+        from accelerate import PartialState, tracking
+        PartialState()  # accelerate's trackers log through its logger, which needs the (single-process) state
         if kind == "tensorboard":
             self.logging_dir.mkdir(parents=True, exist_ok=True)
             t = tracking.TensorBoardTracker(run_name, str(self.logging_dir))
