@@ -41,7 +41,7 @@ from ..oboro_model.training.seeding import seeded_rng
 from ..oboro_model.training.trainer import PRECISIONS
 from .comfy_model import load_oboro_model
 from .paths import confine, free_target
-from . import training_options as studio
+from . import training_studio as studio
 from .training_preview import CastForSaving, Previews, black_image, encode_plain, loss_curve_image
 
 log = logging.getLogger("oboro")
@@ -345,7 +345,7 @@ def schema(kind: str) -> io.Schema:
             io.Boolean.Input("overwrite", default=False, optional=True,
                              tooltip="Replace an existing file of that name. Off: an existing file is kept and the "
                                      "result gets the next free name <output_name>_00001_ (see the path output)."),
-            *studio.inputs(),  # studio options (training_options.py): after overwrite, in their order
+            *studio.inputs(),  # studio options (training_studio.py): after overwrite, in their order
         ],
         outputs=[io.Model.Output(), io.String.Output("path", display_name="path"),
                  io.Image.Output("loss_curve", display_name="loss_curve"),

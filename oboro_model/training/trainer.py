@@ -138,7 +138,8 @@ class Trainer:
     mask_keep=) with each sample's mask dropped with p = mask_dropout. optimizer/scheduler/guard default to
     the ones `config` describes; a supplied scheduler must apply guard.lr_scale itself.
     `empty_text` [Le, D] (+ `empty_mask`) is the empty-prompt embedding used for caption dropout.
-    A dataset with `bucket_of(i)` (LatentCache) is batched so that every step is one bucket."""
+    A dataset with `bucket_of(i)` (LatentCache) is batched so that every step is one bucket.
+    `validation` (a held-out dataset, or a validation.Validation) is scored as train() goes."""
 
     def __init__(self, model: torch.nn.Module, dataset, config: TrainConfig, optimizer=None, scheduler=None,
                  guard: Optional[SpikeGuard] = None, empty_text: Optional[torch.Tensor] = None,

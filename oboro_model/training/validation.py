@@ -48,6 +48,9 @@ class Subset(torch.utils.data.Dataset):
 def split_holdout(dataset, fraction: float, seed: int = 0) -> tuple[Subset, Subset]:
     """(train, validation): round(fraction * n) items (at least 1) held out, chosen by a permutation
     seeded by `seed` alone, so every run with that seed holds out the same items."""
+    if hasattr(dataset, "data_order"):  # a weighted mixture of caches brings its own sampler
+        raise ValueError("validation_split holds out part of a single cache; with several caches give a "
+                         "validation cache (validation_cache_dir) instead")
     n = len(dataset)
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation_split must be in (0, 1), got {fraction}")
