@@ -91,6 +91,26 @@ def test_validation_on_or_off_trains_bit_identical_weights(tmp_path):
     assert all(torch.equal(w_on[n], p) for n, p in on.params)
 
 
+def test_best_validation_survives_resume(tmp_path):
+    """The best loss/step are part of the training state: a resumed run keeps comparing against them."""
+    a = trainer(val=Rand(2, 5), steps=4, validation_every=2, validation_timesteps=2, output_dir=str(tmp_path))
+    a.train(until=2)
+    b = trainer(val=Rand(2, 5), steps=4, validation_every=2, validation_timesteps=2, output_dir=str(tmp_path))
+    b.resume(tmp_path)
+    assert (b.validation.best_step, b.validation.best_loss) == (2, a.validation.best_loss)
+    b.train()
+    a.train()
+    assert (b.validation.best_step, b.validation.best_loss) == (a.validation.best_step, a.validation.best_loss)
+
+
+def test_split_and_validation_cache_together_are_refused():
+    from oboro.oboro_model.training.run import build_trainer
+    m = MMHDiT(CFG).initialize_weights(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="not both"):
+        build_trainer(m, Rand(4, 0), TrainConfig(steps=1, validation_split=0.25), empty=(None, None),
+                      validation_cache=Rand(2, 1))
+
+
 def test_holdout_split_is_seeded_and_disjoint():
     data = Rand(10, 0)
     tr1, va1 = split_holdout(data, 0.2, seed=3)
@@ -148,6 +168,11 @@ def test_unknown_or_missing_tracker_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="log_with"):
         Tracker("mlflow", tmp_path, "run")
     Tracker("none", tmp_path / "nothing", "run").log({"x": 1.0}, 1)
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install wandb"):
+            Tracker("wandb", tmp_path, "run")
     assert not (tmp_path / "nothing").exists()
 
 
