@@ -245,7 +245,8 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
         from ..oboro_model.training.validation import best_weights
         with best_weights(trainer) as best_step:
             if best_step is not None:
-                extra["best_path"] = write(free_target(target.with_name(f"{Path(stem).name}_best.safetensors"), overwrite))
+                best = target.with_name(f"{Path(stem).name}_best.safetensors")
+                extra["best_path"] = write(free_target(best, overwrite))
         summary = job.summary(trainer, path=str(target), items=len(trainer.dataset),
                               preview_steps=previews.row_steps if previews is not None else [], **extra)
         trainer = net = None  # (the scheduler's lambdas make a cycle: collect before freeing the cache)

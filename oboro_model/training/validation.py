@@ -11,6 +11,8 @@ same with validation on or off. Captions are never dropped here: the score is th
 The best state by validation loss is kept as `best.safetensors` (a full, resumable training state
 beside the step_*.safetensors ones, never pruned nor picked by resume_from='latest'); the front ends
 export its weights as `<name>_best`. With EMA on, the EMA weights are scored (what gets exported).
+(ScheduleFree without EMA: its averaged weights are scored, but the best state, like every state,
+holds the training sequence, so `<name>_best` is that sequence at the best step.)
 """
 from __future__ import annotations
 
