@@ -43,6 +43,7 @@ from ..oboro_model.training.seeding import seeded_rng
 from ..oboro_model.training.trainer import PRECISIONS
 from .comfy_model import load_oboro_model
 from .paths import confine, free_target
+from . import training_studio as studio
 from .training_preview import CastForSaving, Previews, black_image, encode_plain, loss_curve_image
 
 log = logging.getLogger("oboro")
@@ -168,7 +169,8 @@ def run_config(kind: str, inputs: dict, state_dir: Path) -> tuple[TrainConfig, O
     keys = ("steps", "batch_size", "lr", "warmup", "schedule", "optimizer", "grad_accum", "gradient_checkpointing",
             "caption_dropout", "t_sampling", "spike_guard", "seed", "checkpoint_every", "keep_last")
     cfg = TrainConfig(**{k: inputs[k] for k in keys}, clip_grad_norm=inputs["clip_grad_norm"] or None,
-                      precision=PRECISION[inputs["precision"]], output_dir=str(state_dir))
+                      precision=PRECISION[inputs["precision"]], output_dir=str(state_dir),
+                      **studio.config_kwargs(inputs))
     lora = (LoraSpec(inputs.get("rank", 16), inputs.get("alpha", 16.0), inputs.get("dropout", 0.0),
                      inputs.get("targets", "attn")) if kind == "lora" else None)
     prompts = tuple(p.strip() for p in (inputs.get("preview_prompts") or "").splitlines() if p.strip())
@@ -192,6 +194,9 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
     job = Job(state_dir, resume_from, node)
     cache = open_node_cache(cache_dir, fmt, node)
     check_cache_fits(cache, config, node)
+    val = studio.validation_cache(inputs, lambda p: open_node_cache(p, fmt, node + " validation_cache_dir"), node)
+    if val is not None:
+        check_cache_fits(val, config, node + " validation_cache_dir")
     max_tokens = int(cache.settings.get("max_tokens", 256))
     previews = None
     if pv.every > 0 and (clip is None or not pv.prompts):
@@ -218,30 +223,50 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
             check_state_dict(net, weights, f"{node} input MODEL")
             net.load_state_dict(weights, strict=True, assign=True)
         del weights
-        trainer = build_trainer(net, cache, cfg, lora, empty=empty)
+        trainer = build_trainer(net, cache, cfg, lora, empty=empty, validation_cache=val)
         job.start(trainer)
+        job.tracker = studio.tracker(inputs, state_dir, stem, cfg)
 
         def on_step(step):
             if previews is not None and step % pv.every == 0:
-                previews.render(net, step, device, amp)
+                with studio.export_weights(trainer):
+                    previews.render(net, step, device, amp)
 
-        drive(trainer, job, node, stem, on_step)
+        try:
+            drive(trainer, job, node, stem, on_step)
+        except BaseException:
+            job.close()
+            raise
         if previews is not None and trainer.step > job.start_step and previews.row_steps[-1:] != [trainer.step]:
-            previews.render(net, trainer.step, device, amp)
+            with studio.export_weights(trainer):
+                previews.render(net, trainer.step, device, amp)
         if trainer.schedule_free:
             trainer.optimizer.eval()  # export the averaged weights ScheduleFree evaluates with
         info = {"oboro_training": json.dumps({"kind": kind, "step": trainer.step, "cache_dir": str(cache.folder),
                                               "items": len(cache), "lr": cfg.lr, "batch_size": cfg.batch_size,
                                               "grad_accum": cfg.grad_accum, "optimizer": cfg.optimizer,
                                               "seed": cfg.seed})}
+
+        def write(path):
+            if kind == "lora":
+                from ..oboro_model.training.lora import save_lora
+                save_lora(path, net, metadata=info)
+            else:
+                save_checkpoint(path, CastForSaving(net, SAVE_DTYPES[save_dtype]), metadata=info)
+            return str(path)
+
         target = free_target(target, overwrite)
-        if kind == "lora":
-            from ..oboro_model.training.lora import save_lora
-            save_lora(target, net, metadata=info)
-        else:
-            save_checkpoint(target, CastForSaving(net, SAVE_DTYPES[save_dtype]), metadata=info)
-        summary = job.summary(trainer, path=str(target), items=len(cache), base_dtype=str(linear_dtype(net))[6:],
-                              preview_steps=previews.row_steps if previews is not None else [])
+        with studio.export_weights(trainer):
+            write(target)
+        extra = {}
+        from ..oboro_model.training.validation import best_weights
+        with best_weights(trainer) as best_step:
+            if best_step is not None:
+                best = target.with_name(f"{Path(stem).name}_best.safetensors")
+                extra["best_path"] = write(free_target(best, overwrite))
+        summary = job.summary(trainer, path=str(target), items=len(trainer.dataset),
+                              base_dtype=str(linear_dtype(net)).removeprefix("torch."),
+                              preview_steps=previews.row_steps if previews is not None else [], **extra)
         trainer = net = None  # (the scheduler's lambdas make a cycle: collect before freeing the cache)
     gc.collect()
     mm.soft_empty_cache()
@@ -253,6 +278,8 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
         out_model = load_oboro_model(str(target))
     curve = loss_curve_image(job.history, f"{node}: {stem}")
     images = previews.images(fmt, vae) if previews is not None else None
+    studio.log_previews(job, images, previews.row_steps if previews is not None else [])
+    job.close()
     if previews is not None and images is None:
         log.warning("%s: connect a VAE to decode the previews of a %d-channel model", node, config.in_channels)
     text = json.dumps(summary, indent=1)
@@ -296,7 +323,8 @@ def schema(kind: str) -> io.Schema:
             io.Combo.Input("schedule", options=list(SCHEDULES), default="cosine",
                            tooltip="LR schedule after warm-up; schedulefree needs 'constant'."),
             io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
-                           tooltip="adamw; schedulefree (pip install schedulefree); adamw8bit (bitsandbytes, CUDA)."),
+                           tooltip="adamw; schedulefree (pip install schedulefree); adamw8bit (bitsandbytes, CUDA); "
+                                   "prodigy (prodigyopt; set lr = 1, it finds the step size)."),
             io.Int.Input("grad_accum", default=1, min=1, max=4096, tooltip="Micro-batches per update."),
             io.Float.Input("clip_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.01, tooltip="0: no clipping."),
             io.Combo.Input("precision", options=list(PRECISION), default="bf16",
@@ -308,7 +336,8 @@ def schema(kind: str) -> io.Schema:
                                    "T5('') as stored in the cache (older caches: T5('') of the connected clip, "
                                    "else no text at all)."),
             io.Combo.Input("t_sampling", options=list(T_SAMPLING), default="uniform",
-                           tooltip="Distribution of training times t (logit_normal favours mid-path)."),
+                           tooltip="Distribution of training times t: uniform; logit_normal (t_mean, t_std; "
+                                   "favours mid-path); shifted (t_shift > 1: more near noise)."),
             io.Boolean.Input("spike_guard", default=True,
                              tooltip="Skip updates whose loss spikes (or is NaN) and halve the LR."),
             io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
@@ -335,6 +364,7 @@ def schema(kind: str) -> io.Schema:
             io.Boolean.Input("overwrite", default=False, optional=True,
                              tooltip="Replace an existing file of that name. Off: an existing file is kept and the "
                                      "result gets the next free name <output_name>_00001_ (see the path output)."),
+            *studio.inputs(),  # studio options (training_studio.py): after overwrite, in their order
         ],
         outputs=[io.Model.Output(), io.String.Output("path", display_name="path"),
                  io.Image.Output("loss_curve", display_name="loss_curve"),

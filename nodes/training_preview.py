@@ -33,8 +33,8 @@ def black_image(size: int = 64) -> torch.Tensor:
 
 
 def loss_curve_image(history: dict, title: str) -> torch.Tensor:
-    """IMAGE [1, 450, 800, 3]: raw loss, its bias-corrected EMA, spikes the guard caught (red x)
-    and resume points (dashed). matplotlib's object API on an Agg canvas: no pyplot global state."""
+    """IMAGE [1, 450, 800, 3]: raw loss, its bias-corrected EMA, spikes the guard caught (red x),
+    resume points (dashed) and the validation loss with its best point (orange). matplotlib's object API on an Agg canvas: no pyplot global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 4.5), dpi=100)
@@ -57,6 +57,14 @@ def loss_curve_image(history: dict, title: str) -> torch.Tensor:
             sx, sy = zip(*spikes)
             ax.scatter(sx, [min(v, top) for v in sy], marker="x", color="tab:red", zorder=3,
                        label=f"spike caught ({len(spikes)})")
+        val = [(s, v) for s, v in zip(history.get("val_step", []), history.get("val_loss", []))
+               if v is not None and math.isfinite(v)]
+        if val:
+            vx, vy = zip(*val)
+            ax.plot(vx, vy, color="tab:orange", marker="o", markersize=3, linewidth=1.5, label="validation")
+            b = min(range(len(vy)), key=vy.__getitem__)
+            ax.scatter([vx[b]], [vy[b]], marker="*", s=120, color="tab:orange", edgecolor="black", zorder=4,
+                       label=f"best validation (step {vx[b]})")
         for i, s in enumerate(history["resumed_at"]):
             ax.axvline(s, color="gray", linestyle="--", linewidth=0.8, label="resumed" if i == 0 else None)
         ax.legend(loc="upper right")

@@ -19,11 +19,15 @@ CONFIG.toml (relative paths are relative to the file):
     path = "cache"                    # a latent cache folder written by OboroCacheLatents (or
                                       # build_cache): its manifest's latent transform and empty
                                       # prompt are applied as the training nodes apply them
+    validation_cache_dir = "val"      # optional: a second cache scored for validation (or
+                                      # [training] validation_split = 0.1 to hold out a fraction)
 
     [training]                        # any TrainConfig field; batch_size is per process
     steps = 1000
     batch_size = 4
     lr = 1e-4
+    # ema_decay = 0.999, ema_start = 0, t_sampling = "shifted", t_shift = 3.0, optimizer = "prodigy",
+    # validation_split = 0.1, validation_every = 100, validation_timesteps = 8, validation_seed = 0
 
     [lora]                            # optional: train a LoRA (peft) instead of all weights
     rank = 16
@@ -39,6 +43,7 @@ CONFIG.toml (relative paths are relative to the file):
     resume = true                     # continue from the newest state in dir, if any (false: refuse
                                       # to start over an earlier run's states, as the nodes do)
     log_every = 10
+    log_with = "none"                 # none | tensorboard | wandb: trackers under <dir>/logs
 
 `oboro-train --plan CONFIG.toml` prints the memory this run needs per process (memory.py) and exits.
 """
@@ -71,7 +76,8 @@ logger = logging.getLogger(__name__)
 
 SECTIONS = ("model", "data", "training", "lora", "output")
 LORA_KEYS = ("rank", "alpha", "dropout", "targets", "base_dtype")
-OUTPUT_KEYS = ("dir", "name", "resume", "log_every")
+OUTPUT_KEYS = ("dir", "name", "resume", "log_every", "log_with")
+DATA_KEYS = ("path", "validation_cache_dir")
 MODEL_KEYS = ("preset", "config", "seed", "checkpoint")
 
 
@@ -270,7 +276,7 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
         _check_keys("lora", lora, LORA_KEYS)
     if "data" not in cfg or "path" not in cfg["data"]:
         raise ValueError("[data]: needs `path` (a latent cache folder written by OboroCacheLatents)")
-    _check_keys("data", cfg["data"], ("path",))
+    _check_keys("data", cfg["data"], DATA_KEYS)
     if "model" not in cfg:
         raise ValueError("config needs `model` (a preset name or checkpoint path, or a [model] table)")
 
@@ -287,11 +293,21 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     model = build_model(cfg["model"], base, None if spec is None else spec.base_dtype)
     data = load_cached_dataset(_path(base, cfg["data"]["path"]))
     check_cache_fits(data, model.config, "[data]")
-    tr = build_trainer(model.to(accelerator.device), data, tc, spec, dist=dist)
+    val = None
+    if cfg["data"].get("validation_cache_dir"):
+        val = load_cached_dataset(_path(base, cfg["data"]["validation_cache_dir"]))
+        check_cache_fits(val, model.config, "[data] validation_cache_dir")
+    tr = build_trainer(model.to(accelerator.device), data, tc, spec, dist=dist, validation_cache=val)
     job = None
+    log_with = str(out.get("log_with", "none"))
+    if log_with != "none" and not tc.output_dir:
+        raise ValueError("[output] log_with needs [output] dir (the logs go to <dir>/logs)")
     if tc.output_dir:  # the nodes' bookkeeping: resume point, loss_log.json, summary
+        from .tracking import Tracker
         job = Job(tc.output_dir, "latest" if out.get("resume", True) else "", "oboro-train", is_main=dist.is_main)
         job.start(tr)
+        job.tracker = Tracker(log_with, Path(tc.output_dir) / "logs", Path(tc.output_dir).name,
+                              dataclasses.asdict(tc), is_main=dist.is_main)
     if dist.is_main:
         log_plan(logger, "oboro-train", model.config, tc, spec, data.folder, accelerator.device.type,
                  base_dtype=None if spec is None else linear_dtype(model))
@@ -315,6 +331,7 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     finally:
         if job is not None:
             job.save()
+            job.close()
     exported = export(tr, out_dir, out.get("name"), lora is not None) if out_dir is not None else []
     dist.barrier()
     summary = job.summary(tr, export=[str(p) for p in exported]) if job is not None else {}
@@ -324,8 +341,9 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
 
 
 def export(tr: Trainer, out_dir: Path, name: Optional[str], is_lora: bool) -> list[Path]:
-    """Main process: write <name>.safetensors (LoRA in ComfyUI format, or the full checkpoint) and,
-    with EMA, <name>_ema.safetensors."""
+    """Main process: write <name>.safetensors (LoRA in ComfyUI format, or the full checkpoint),
+    with EMA <name>_ema.safetensors, and with validation <name>_best.safetensors (the weights of the
+    best validation loss: the EMA ones with EMA on)."""
     if not tr.dist.is_main:
         return []
     from .lora import save_lora
@@ -347,6 +365,11 @@ def export(tr: Trainer, out_dir: Path, name: Optional[str], is_lora: bool) -> li
             finally:
                 for n, p in tr.params:
                     p.copy_(backup[n])
+    from .validation import best_weights
+    with best_weights(tr) as best_step:
+        if best_step is not None:
+            paths.append(write(out_dir / f"{name}_best.safetensors"))
+            logger.info("best validation loss %.5f at step %d", tr.validation.best_loss, best_step)
     for p in paths:
         logger.info("wrote %s", p)
     return paths

@@ -33,7 +33,7 @@ def resume_file(resume_from: str, state_dir: Path) -> Optional[Path]:
 
 
 def new_history() -> dict:
-    return {"step": [], "loss": [], "lr": [], "spikes": [], "resumed_at": []}
+    return {"step": [], "loss": [], "lr": [], "spikes": [], "resumed_at": [], "val_step": [], "val_loss": []}
 
 
 def load_history(state_file: Optional[Path], upto: int) -> dict:
@@ -47,6 +47,8 @@ def load_history(state_file: Optional[Path], upto: int) -> dict:
         h.update({k: [old[k][i] for i in keep] for k in ("step", "loss", "lr")})
         h["spikes"] = [s for s in old.get("spikes", []) if s <= upto]
         h["resumed_at"] = [s for s in old.get("resumed_at", []) if s <= upto]
+        val = [(s, v) for s, v in zip(old.get("val_step", []), old.get("val_loss", [])) if s <= upto]
+        h["val_step"], h["val_loss"] = [s for s, _ in val], [v for _, v in val]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         logger.info("oboro training: no usable %s next to %s; the loss curve starts at step %d", LOSS_LOG,
                     state_file, upto)
@@ -64,10 +66,12 @@ class Job:
     """One run: `Job(state_dir, resume_from, what)` picks the resume point (or refuses a fresh
     start over an earlier run's states); `start(trainer)` resumes and loads the loss log;
     `record(...)` after every update; `save()` writes the loss log (main process only);
-    `summary()` is what the front ends report."""
+    `summary()` is what the front ends report. With a `tracker` (tracking.Tracker) every record
+    is also logged there: loss, lr, spikes, validation."""
 
-    def __init__(self, state_dir, resume_from: str = "", what: str = "training", is_main: bool = True):
-        self.state_dir, self.what, self.is_main = Path(state_dir), what, is_main
+    def __init__(self, state_dir, resume_from: str = "", what: str = "training", is_main: bool = True,
+                 tracker=None):
+        self.state_dir, self.what, self.is_main, self.tracker = Path(state_dir), what, is_main, tracker
         self.resume = resume_file(resume_from, self.state_dir)
         if self.resume is None and list_checkpoints(self.state_dir):
             raise ValueError(f"{what}: {self.state_dir} already holds training states of an earlier run; set "
@@ -88,9 +92,18 @@ class Job:
         spikes = trainer.guard.spikes if trainer.guard is not None else self._spikes + (not math.isfinite(loss))
         for key, v in (("step", step), ("loss", loss), ("lr", lr)):
             h[key].append(v)
+        values = {"train/loss": loss, "train/lr": lr}
         if spikes > self._spikes:
             h["spikes"].append(step)
+            values["train/spike"] = loss
         self._spikes = spikes
+        val = getattr(trainer, "validation", None)
+        if val is not None and val.last_step == step:
+            h["val_step"].append(step)
+            h["val_loss"].append(val.last_loss)
+            values.update({"val/loss": val.last_loss, "val/best": val.best_loss})
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in values.items() if math.isfinite(v)}, step)
 
     def save(self) -> None:
         if self.is_main:
@@ -99,7 +112,17 @@ class Job:
     def summary(self, trainer, **extra) -> dict:
         states = list_checkpoints(self.state_dir)
         h = self.history
+        val = getattr(trainer, "validation", None)
+        if val is not None:
+            extra = {"val_loss": h["val_loss"][-1] if h["val_loss"] else None,
+                     "best_val_loss": val.state_dict()["best_loss"], "best_step": val.best_step, **extra}
         return {"state_dir": str(self.state_dir), "last_state": str(states[-1]) if states else None,
                 "start_step": self.start_step, "step": trainer.step, "spikes": len(h["spikes"]),
                 "final_loss": h["loss"][-1] if h["loss"] else None, **extra,
                 "seconds": round(time.time() - self.t0, 1)}
+
+    def close(self) -> None:
+        """Flush and close the tracker (after the last record and images)."""
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None

@@ -14,18 +14,26 @@ from typing import Optional
 import torch
 
 from ...samplers.icfm import icfm_sample
+from ...samplers.ode import flow_shift
 
-T_SAMPLING = ("uniform", "logit_normal")
+T_SAMPLING = ("uniform", "logit_normal", "shifted")
 
 
 def sample_t(n: int, generator: Optional[torch.Generator] = None, kind: str = "uniform",
-             mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+             mean: float = 0.0, std: float = 1.0, shift: float = 1.0) -> torch.Tensor:
     """[n] times in [0, 1). "logit_normal" (SD3) is sigmoid(N(mean, std)): it puts more steps at
-    mid-path, where the velocity is hardest to predict; mean < 0 leans toward noise."""
+    mid-path, where the velocity is hardest to predict; mean < 0 leans toward noise. "shifted" is
+    uniform noise level sigma = 1 - t warped by the SD3 / ComfyUI flow shift (the sampler's `shift`,
+    samplers.ode.flow_shift): shift > 1 trains more near noise, as high resolutions need. Every kind
+    draws n numbers, so switching kinds never shifts the rest of the random stream's layout."""
     if kind == "uniform":
         return torch.rand(n, generator=generator)
     if kind == "logit_normal":
         return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    if kind == "shifted":
+        if not shift > 0:
+            raise ValueError(f"t sampling 'shifted' needs shift > 0, got {shift}")
+        return 1.0 - flow_shift(torch.rand(n, generator=generator), shift)
     raise ValueError(f"unknown t sampling {kind!r}; choose one of {T_SAMPLING}")
 
 

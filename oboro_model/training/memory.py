@@ -8,7 +8,8 @@ is only built on the meta device, to count parameters). What it counts, in bytes
   frozen base keeps the model's storage dtype, frozen_base.py; the LoRA's own weights are fp32);
 - gradients: one fp32 gradient per trainable parameter (all of them, after the backward pass);
 - optimizer: AdamW and ScheduleFree AdamW 2 fp32 tensors per trainable parameter, 8-bit AdamW 2
-  bytes (bitsandbytes: two 8-bit moments); `ema` adds one fp32 copy (kept in `ema`);
+  bytes (bitsandbytes: two 8-bit moments), Prodigy 4 fp32 tensors (moments, s, the initial
+  weights p0); `ema` adds one fp32 copy (kept in `ema`);
 - activations: what autograd keeps between forward and backward for one micro-batch of
   `batch_size` samples of N = 1 (BOS) + text tokens + (H/8/patch)·(W/8/patch) tokens. Per block:
   N·(a·hidden + b·mlp_hidden) bytes, a and b depending on what trains (full, or LoRA on attn / mlp
@@ -61,7 +62,7 @@ _ACT = {  # (mode, autocast): (a, b, c)
     ("all", False): (48.4, 16.1, 1.3), ("all", True): (44.1, 8.3, 0.0),
 }
 _ACT_CKPT_FIXED = {"full": 13.2, "lora": 5.3}  # c with checkpointing (bytes per token·hidden)
-_OPT_BYTES = {"adamw": 8.0, "schedulefree": 8.0, "adamw8bit": 2.0}
+_OPT_BYTES = {"adamw": 8.0, "schedulefree": 8.0, "adamw8bit": 2.0, "prodigy": 16.0}
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16, "fp8": torch.float8_e4m3fn,
            "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -198,7 +199,7 @@ def plan_memory(config: Union[str, OboroConfig], lora=None, optimizer: str = "ad
         act = backward = cfg.depth * block + BN * c * d + cast_bytes + work
     if optimizer == "adamw8bit":
         step = 0
-    elif device == "cuda":
+    elif device == "cuda" and optimizer != "prodigy":  # Prodigy steps one tensor at a time
         step = trainable * 4
     else:
         step = largest * 4

@@ -7,21 +7,23 @@ asked for, with an error that says what to install.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 
-OPTIMIZERS = ("adamw", "schedulefree", "adamw8bit")
+OPTIMIZERS = ("adamw", "schedulefree", "adamw8bit", "prodigy")
 SCHEDULES = ("constant", "cosine", "linear", "step")
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 1e-4,
                     weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8,
                     warmup_steps: int = 0) -> torch.optim.Optimizer:
-    """AdamW, ScheduleFree AdamW (`schedulefree`; it does its own warm-up, hence warmup_steps) or
-    8-bit AdamW (`bitsandbytes`, quarter-size optimiser state; needs a GPU)."""
+    """AdamW, ScheduleFree AdamW (`schedulefree`; it does its own warm-up, hence warmup_steps),
+    8-bit AdamW (`bitsandbytes`, quarter-size optimiser state; needs a GPU) or Prodigy (`prodigyopt`:
+    it estimates the step size itself, so `lr` is a multiplier of that estimate; use lr = 1)."""
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters (every parameter has requires_grad=False)")
@@ -42,6 +44,13 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", l
             raise ImportError("optimizer 'adamw8bit' needs the bitsandbytes package (CUDA): "
                               "pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(params, **kw)
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ImportError("optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt") from None
+        # Prodigy's default warm-up safeguard and bias correction as kohya / ai-toolkit recommend them
+        return Prodigy(params, use_bias_correction=True, safeguard_warmup=warmup_steps > 0, **kw)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
@@ -120,6 +129,27 @@ class EMA:
         for n, v in self.shadow.items():
             v.copy_(sd[n])
         self.updates = updates
+
+    @torch.no_grad()
+    def reset(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+        """Follow the weights exactly (before `ema_start`): the average starts from them later."""
+        for n, p in named_params:
+            self.shadow[n].copy_(p.detach().float())
+
+    @contextlib.contextmanager
+    def applied(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]):
+        """The averaged weights in the model for the `with` body (previews, validation, export),
+        the trained ones restored bit for bit afterwards."""
+        named_params = list(named_params)
+        with torch.no_grad():
+            backup = {n: p.detach().clone() for n, p in named_params}
+            self.copy_to(named_params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in named_params:
+                    p.copy_(backup[n])
 
     @torch.no_grad()
     def copy_to(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> None:

@@ -56,10 +56,12 @@ def add_seeded_lora(model: torch.nn.Module, spec: LoraSpec, seed: int) -> torch.
 
 
 def build_trainer(model: torch.nn.Module, cache, config: TrainConfig, lora: Optional[LoraSpec] = None,
-                  empty: Optional[tuple] = None, dist: Optional[LocalProcess] = None) -> Trainer:
+                  empty: Optional[tuple] = None, dist: Optional[LocalProcess] = None,
+                  validation_cache=None) -> Trainer:
     """A Trainer over `cache` (LatentCache, or a dataset wrapping one): `lora` injected first
     (seeded by config.seed), caption dropout onto `empty` = (text, mask) or, by default, the
-    cache's stored empty prompt (none stored: no tokens)."""
+    cache's stored empty prompt (none stored: no tokens). Validation (validation.py) on
+    `validation_cache`, or on config.validation_split of `cache` held out (not trained on)."""
     if lora is not None:
         add_seeded_lora(model, lora, config.seed)
     if empty is None:
@@ -68,5 +70,14 @@ def build_trainer(model: torch.nn.Module, cache, config: TrainConfig, lora: Opti
         if empty[0] is None and config.caption_dropout > 0:
             logger.warning("the cache stores no empty-prompt encoding (written by an older version): dropped "
                            "captions become no tokens. Rebuild it with OboroCacheLatents to store T5(\"\").")
-    return Trainer(model, cache, config, empty_text=empty[0], empty_mask=empty[1], dist=dist)
+    val = validation_cache
+    if config.validation_split > 0:
+        if val is not None:
+            raise ValueError("give either validation_split (a fraction of the training cache) or a validation "
+                             "cache, not both")
+        from .validation import split_holdout
+        cache, val = split_holdout(cache, config.validation_split, config.validation_seed)
+        logger.info("validation: %d of %d items held out (validation_seed %d)", len(val), len(val) + len(cache),
+                    config.validation_seed)
+    return Trainer(model, cache, config, empty_text=empty[0], empty_mask=empty[1], dist=dist, validation=val)
 

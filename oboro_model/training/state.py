@@ -132,6 +132,7 @@ def capture(tr) -> tuple[dict[str, torch.Tensor], dict]:
         "scheduler": tr.scheduler.state_dict(),
         "guard": tr.guard.state_dict() if tr.guard is not None else None,
         "ema_updates": tr.ema.updates if tr.ema is not None else None,
+        "validation": tr.validation.state_dict() if getattr(tr, "validation", None) is not None else None,
         "scaler": tr.scaler.state_dict(),
         "python_random": random.getstate(),
         "config": dataclasses.asdict(tr.config),
@@ -175,6 +176,8 @@ def restore(tr, tensors: dict[str, torch.Tensor], meta: dict, source: str = "<st
     if tr.guard is not None and meta["guard"] is not None:
         tr.guard.load_state_dict(meta["guard"])
     tr.scaler.load_state_dict(meta["scaler"])
+    if getattr(tr, "validation", None) is not None:
+        tr.validation.load_state_dict(meta.get("validation"))
     torch.set_rng_state(tensors["rng.torch"])
     tr.data_gen.set_state(tensors["rng.data"])
     tr.noise_gen.set_state(tensors["rng.noise"])

@@ -71,7 +71,7 @@ class TrainConfig:
     grad_accum: int = 1                # micro-batches per update
     lr: float = 1e-4
     weight_decay: float = 0.01
-    optimizer: str = "adamw"           # adamw | schedulefree | adamw8bit
+    optimizer: str = "adamw"           # adamw | schedulefree | adamw8bit | prodigy (lr = 1)
     warmup: int = 0
     schedule: str = "constant"         # constant | cosine | linear | step
     min_lr_ratio: float = 0.0
@@ -80,12 +80,14 @@ class TrainConfig:
     clip_grad_norm: Optional[float] = 1.0  # None or 0: no clipping
     precision: str = "no"              # no | bf16 | fp16 (autocast; fp16 adds a GradScaler)
     gradient_checkpointing: bool = False
-    ema_decay: Optional[float] = None  # e.g. 0.999; None: no EMA
+    ema_decay: Optional[float] = None  # e.g. 0.999; None or 0: no EMA
+    ema_start: int = 0                 # the EMA follows the weights exactly up to this step, averages after
     caption_dropout: float = 0.1       # p of training a sample unconditionally (for CFG)
     mask_dropout: float = 0.0          # items with "mask_labels" (mask control): p of dropping the mask
-    t_sampling: str = "uniform"        # uniform | logit_normal
-    t_mean: float = 0.0
+    t_sampling: str = "uniform"        # uniform | logit_normal | shifted
+    t_mean: float = 0.0                # logit_normal: sigmoid(N(t_mean, t_std))
     t_std: float = 1.0
+    t_shift: float = 1.0               # shifted: uniform sigma = 1 - t warped by this flow shift
     sigma: float = 0.0                 # I-CFM path noise; 0 = rectified flow
     spike_guard: bool = True
     spike_k: float = 6.0
@@ -95,6 +97,10 @@ class TrainConfig:
     checkpoint_every: int = 0          # 0: only at the end and on interrupt
     keep_last: int = 3                 # <= 0 keeps all
     output_dir: Optional[str] = None   # None: never write checkpoints
+    validation_split: float = 0.0      # fraction of the cache held out for validation (front ends split)
+    validation_every: int = 0          # score the validation set every N steps (0: at the end only)
+    validation_timesteps: int = 8      # the fixed t grid (k + 1/2) / K per held-out item
+    validation_seed: int = 0           # the held-out items and their fixed noise
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -103,6 +109,10 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {sorted(PRECISIONS)}")
         if self.t_sampling not in T_SAMPLING:
             raise ValueError(f"unknown t sampling {self.t_sampling!r}; choose one of {T_SAMPLING}")
+        if self.ema_decay and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) (0: off), got {self.ema_decay}")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ValueError(f"validation_split must be in [0, 1), got {self.validation_split}")
         for name in ("caption_dropout", "mask_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -128,11 +138,13 @@ class Trainer:
     mask_keep=) with each sample's mask dropped with p = mask_dropout. optimizer/scheduler/guard default to
     the ones `config` describes; a supplied scheduler must apply guard.lr_scale itself.
     `empty_text` [Le, D] (+ `empty_mask`) is the empty-prompt embedding used for caption dropout.
-    A dataset with `bucket_of(i)` (LatentCache) is batched so that every step is one bucket."""
+    A dataset with `bucket_of(i)` (LatentCache) is batched so that every step is one bucket.
+    `validation` (a held-out dataset, or a validation.Validation) is scored as train() goes."""
 
     def __init__(self, model: torch.nn.Module, dataset, config: TrainConfig, optimizer=None, scheduler=None,
                  guard: Optional[SpikeGuard] = None, empty_text: Optional[torch.Tensor] = None,
-                 empty_mask: Optional[torch.Tensor] = None, dist: Optional[LocalProcess] = None):
+                 empty_mask: Optional[torch.Tensor] = None, dist: Optional[LocalProcess] = None,
+                 validation=None):
         c = self.config = config
         self.dist = dist or LocalProcess()
         self.model, self.dataset, self.empty_text, self.empty_mask = model, dataset, empty_text, empty_mask
@@ -158,6 +170,11 @@ class Trainer:
         # The scheduler (built above) drives the bare optimizer; forward/step go through the wrappers.
         self.forward_model, self.optimizer = self.dist.prepare(model, self.optimizer)
         self.ema = EMA(self.params, c.ema_decay) if c.ema_decay else None
+        # validation.Validation (or a dataset to build one): scored in train(), draws no training RNG
+        if validation is not None and not hasattr(validation, "score"):
+            from .validation import Validation
+            validation = Validation(validation, c.validation_every, c.validation_timesteps, c.validation_seed)
+        self.validation = validation
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
         self.data_gen = torch.Generator().manual_seed(c.seed)
         self.noise_gen = torch.Generator().manual_seed(c.seed + 0x5EED)
@@ -220,7 +237,7 @@ class Trainer:
             items = [self.dataset[i] for i in idx]
             self._batch_items = {str(i): it.get("file", f"item {i}") for i, it in zip(idx, items)}
             shape, g = items[0]["latent"].shape, self.noise_gen
-            t = sample_t(n, g, c.t_sampling, c.t_mean, c.t_std)
+            t = sample_t(n, g, c.t_sampling, c.t_mean, c.t_std, c.t_shift)
             x0 = torch.randn((n, *shape), generator=g)
             drop = caption_dropout_mask(n, c.caption_dropout, g)
             eps = torch.randn((n, *shape), generator=g) if c.sigma else None
@@ -282,7 +299,10 @@ class Trainer:
             if not skip:
                 self.scaler.step(self.optimizer)
                 if self.ema is not None:
-                    self.ema.update(self.params)
+                    if step <= c.ema_start:
+                        self.ema.reset(self.params)
+                    else:
+                        self.ema.update(self.params)
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -293,7 +313,8 @@ class Trainer:
     # ---- loop and checkpoints -------------------------------------------------------------------
     def train(self, callback: Optional[Callable[[int, float, float, float], None]] = None,
               until: Optional[int] = None) -> list[float]:
-        """Run to `config.steps` (or stop at step `until`); returns this call's losses.
+        """Run to `config.steps` (or stop at step `until`); returns this call's losses. A validation
+        set is scored after the updates it is due at (validation.py), before that step's checkpoint.
         callback(step, loss, lr, it_per_s) runs after each update; if it raises (or on Ctrl-C) a
         resumable checkpoint is saved first. StopTraining from it ends the run normally."""
         c, end, losses = self.config, min(until or self.config.steps, self.config.steps), []
@@ -303,6 +324,8 @@ class Trainer:
                 loss = self.train_step()
                 rate = 1.0 / max(time.perf_counter() - t0, 1e-9)
                 losses.append(loss)
+                if self.validation is not None and self.validation.due(self.step, end):
+                    self.validation.run(self)
                 if c.output_dir and c.checkpoint_every and self.step % c.checkpoint_every == 0:
                     self.save()
                 if callback is not None:
