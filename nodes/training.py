@@ -41,6 +41,7 @@ from ..oboro_model.training.seeding import seeded_rng
 from ..oboro_model.training.trainer import PRECISIONS
 from .comfy_model import load_oboro_model
 from .paths import confine, free_target
+from .training_options import after_overwrite
 from .training_preview import CastForSaving, Previews, black_image, encode_plain, loss_curve_image
 
 log = logging.getLogger("oboro")
@@ -158,7 +159,7 @@ def run_config(kind: str, inputs: dict, state_dir: Path) -> tuple[TrainConfig, O
     cfg = TrainConfig(**{k: inputs[k] for k in keys}, clip_grad_norm=inputs["clip_grad_norm"] or None,
                       precision=PRECISION[inputs["precision"]], output_dir=str(state_dir))
     lora = (LoraSpec(inputs.get("rank", 16), inputs.get("alpha", 16.0), inputs.get("dropout", 0.0),
-                     inputs.get("targets", "attn")) if kind == "lora" else None)
+                     inputs.get("targets", "attn"), inputs.get("adapter", "lora")) if kind == "lora" else None)
     prompts = tuple(p.strip() for p in (inputs.get("preview_prompts") or "").splitlines() if p.strip())
     previews = PreviewSpec(prompts, inputs.get("preview_every", 0), inputs.get("preview_steps", 20),
                            inputs.get("preview_cfg", 5.0), inputs.get("preview_seed", 0))
@@ -220,8 +221,8 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
                                               "seed": cfg.seed})}
         target = free_target(target, overwrite)
         if kind == "lora":
-            from ..oboro_model.training.lora import save_lora
-            save_lora(target, net, metadata=info)
+            from ..oboro_model.training.adapters import save_adapter
+            save_adapter(target, net, metadata=info)
         else:
             save_checkpoint(target, CastForSaving(net, SAVE_DTYPES[save_dtype]), metadata=info)
         summary = job.summary(trainer, path=str(target), items=len(cache),
@@ -319,6 +320,7 @@ def schema(kind: str) -> io.Schema:
             io.Boolean.Input("overwrite", default=False, optional=True,
                              tooltip="Replace an existing file of that name. Off: an existing file is kept and the "
                                      "result gets the next free name <output_name>_00001_ (see the path output)."),
+            *after_overwrite(kind),
         ],
         outputs=[io.Model.Output(), io.String.Output("path", display_name="path"),
                  io.Image.Output("loss_curve", display_name="loss_curve"),

@@ -30,6 +30,7 @@ CONFIG.toml (relative paths are relative to the file):
     alpha = 16
     dropout = 0.0
     targets = "attn"                  # attn | mlp | all | [module paths or suffixes]
+    adapter = "lora"                  # lora | loha | lokr | dora (README: adapter kinds)
 
     [output]
     dir = "runs/my-run"               # training states (step_*.safetensors) and the final export
@@ -67,7 +68,7 @@ from .trainer import LocalProcess, Trainer, TrainConfig
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("model", "data", "training", "lora", "output")
-LORA_KEYS = ("rank", "alpha", "dropout", "targets")
+LORA_KEYS = ("rank", "alpha", "dropout", "targets", "adapter")
 OUTPUT_KEYS = ("dir", "name", "resume", "log_every")
 MODEL_KEYS = ("preset", "config", "seed", "checkpoint")
 
@@ -202,7 +203,8 @@ def plan_from_config(cfg: Union[str, Path, Mapping], device: Optional[str] = Non
 def lora_spec(table: Mapping) -> LoraSpec:
     targets = table.get("targets", "attn")
     return LoraSpec(int(table.get("rank", 16)), None if table.get("alpha") is None else float(table["alpha"]),
-                    float(table.get("dropout", 0.0)), targets if isinstance(targets, str) else tuple(targets))
+                    float(table.get("dropout", 0.0)), targets if isinstance(targets, str) else tuple(targets),
+                    str(table.get("adapter", "lora")))
 
 
 def train_config(cfg: Mapping, output_dir: Optional[Path]) -> TrainConfig:
@@ -293,14 +295,14 @@ def export(tr: Trainer, out_dir: Path, name: Optional[str], is_lora: bool) -> li
     with EMA, <name>_ema.safetensors."""
     if not tr.dist.is_main:
         return []
-    from .lora import save_lora
+    from .adapters import save_adapter
     name = name or ("lora" if is_lora else "model")
     meta = {"oboro_train_step": str(tr.step)}
     if tr.schedule_free:
         tr.optimizer.eval()  # ScheduleFree: the weights to use are the averaged sequence
 
     def write(path):
-        return save_lora(path, tr.model, meta) if is_lora else save_checkpoint(path, tr.model, meta)
+        return save_adapter(path, tr.model, meta) if is_lora else save_checkpoint(path, tr.model, meta)
 
     paths = [write(out_dir / f"{name}.safetensors")]
     if tr.ema is not None:
