@@ -41,7 +41,7 @@ from ..oboro_model.training.seeding import seeded_rng
 from ..oboro_model.training.trainer import PRECISIONS
 from .comfy_model import load_oboro_model
 from .paths import confine, free_target
-from .training_options import after_overwrite
+from .training_options import after_overwrite, training_data
 from .training_preview import CastForSaving, Previews, black_image, encode_plain, loss_curve_image
 
 log = logging.getLogger("oboro")
@@ -157,6 +157,7 @@ def run_config(kind: str, inputs: dict, state_dir: Path) -> tuple[TrainConfig, O
     keys = ("steps", "batch_size", "lr", "warmup", "schedule", "optimizer", "grad_accum", "gradient_checkpointing",
             "caption_dropout", "t_sampling", "spike_guard", "seed", "checkpoint_every", "keep_last")
     cfg = TrainConfig(**{k: inputs[k] for k in keys}, clip_grad_norm=inputs["clip_grad_norm"] or None,
+                      masked_loss=bool(inputs.get("masked_loss", False)),
                       precision=PRECISION[inputs["precision"]], output_dir=str(state_dir))
     lora = (LoraSpec(inputs.get("rank", 16), inputs.get("alpha", 16.0), inputs.get("dropout", 0.0),
                      inputs.get("targets", "attn"), inputs.get("adapter", "lora")) if kind == "lora" else None)
@@ -181,6 +182,13 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
     job = Job(state_dir, resume_from, node)
     cache = open_node_cache(cache_dir, fmt, node)
     check_cache_fits(cache, config, node)
+
+    def open_more(path):
+        more = open_node_cache(path, fmt, node)
+        check_cache_fits(more, config, node)
+        return more
+
+    data = training_data(cache, cache_dir, inputs, open_more, node)
     max_tokens = int(cache.settings.get("max_tokens", 256))
     previews = None
     if pv.every > 0 and (clip is None or not pv.prompts):
@@ -203,7 +211,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
         check_state_dict(net, weights, f"{node} input MODEL")
         net.load_state_dict(weights, strict=True, assign=True)
         del weights
-        trainer = build_trainer(net, cache, cfg, lora, empty=empty)
+        trainer = build_trainer(net, data, cfg, lora, empty=empty)
         job.start(trainer)
 
         def on_step(step):
@@ -225,7 +233,8 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
             save_adapter(target, net, metadata=info)
         else:
             save_checkpoint(target, CastForSaving(net, SAVE_DTYPES[save_dtype]), metadata=info)
-        summary = job.summary(trainer, path=str(target), items=len(cache),
+        mixed = {"data": data.describe()} if data is not cache else {}
+        summary = job.summary(trainer, path=str(target), items=len(cache), **mixed,
                               preview_steps=previews.row_steps if previews is not None else [])
         trainer = net = None  # (the scheduler's lambdas make a cycle: collect before freeing the cache)
     gc.collect()

@@ -19,6 +19,9 @@ CONFIG.toml (relative paths are relative to the file):
     path = "cache"                    # a latent cache folder written by OboroCacheLatents (or
                                       # build_cache): its manifest's latent transform and empty
                                       # prompt are applied as the training nodes apply them
+    # Several caches: [[data]] tables instead, each path + optional weight (1.0), repeats (from
+    # an N_name folder, else 1), loss_weight (1.0), reg (false: true = regularization set); see
+    # oboro_model/training/datasets.py and README "Datasets, adapters, masked loss".
 
     [training]                        # any TrainConfig field; batch_size is per process
     steps = 1000
@@ -60,6 +63,7 @@ from ..config import PRESETS, OboroConfig, preset
 from ..model import MMHDiT
 from ..data import LatentCache
 from ..data.cache import MANIFEST
+from .datasets import has_loss_masks, open_training_data, parse_data_config
 from .run import LoraSpec, build_trainer, check_cache_fits, open_cache
 from .job import Job
 from .memory import log_plan
@@ -194,7 +198,7 @@ def plan_from_config(cfg: Union[str, Path, Mapping], device: Optional[str] = Non
     if resolution:
         f = 1 if config.in_channels == 3 else VAE_FACTOR
         latent = (resolution // f, resolution // f)
-    data = (cfg.get("data") or {}).get("path")
+    data = parse_data_config(cfg["data"])[0].path if cfg.get("data") else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return plan_for_training(config, tc, None if lora is None else lora_spec(lora),
                              None if data is None else _path(base, data), device, latent, text_tokens, name=name)
@@ -236,9 +240,9 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     lora = cfg.get("lora")
     if lora is not None:
         _check_keys("lora", lora, LORA_KEYS)
-    if "data" not in cfg or "path" not in cfg["data"]:
+    if "data" not in cfg:
         raise ValueError("[data]: needs `path` (a latent cache folder written by OboroCacheLatents)")
-    _check_keys("data", cfg["data"], ("path",))
+    sources = parse_data_config(cfg["data"])
     if "model" not in cfg:
         raise ValueError("config needs `model` (a preset name or checkpoint path, or a [model] table)")
 
@@ -252,8 +256,16 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     # weights), and the saved torch RNG state is then valid for every rank on resume.
     torch.manual_seed(tc.seed)
     model = build_model(cfg["model"], base)
-    data = load_cached_dataset(_path(base, cfg["data"]["path"]))
-    check_cache_fits(data, model.config, "[data]")
+    def open_one(path):
+        cache = load_cached_dataset(_path(base, path))
+        check_cache_fits(cache, model.config, "[data]")
+        return cache
+
+    data = open_training_data(sources, open_one)
+    if tc.masked_loss and not has_loss_masks(data):
+        raise ValueError("[training] masked_loss = true, but no [data] cache stores loss masks; build it with "
+                         "OboroCacheLatents' mask_dir or alpha_mask")
+    folder = getattr(data, "caches", [data])[0].folder
     spec = None if lora is None else lora_spec(lora)
     tr = build_trainer(model.to(accelerator.device), data, tc, spec, dist=dist)
     job = None
@@ -261,7 +273,7 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
         job = Job(tc.output_dir, "latest" if out.get("resume", True) else "", "oboro-train", is_main=dist.is_main)
         job.start(tr)
     if dist.is_main:
-        log_plan(logger, "oboro-train", model.config, tc, spec, data.folder, accelerator.device.type)
+        log_plan(logger, "oboro-train", model.config, tc, spec, folder, accelerator.device.type)
         logger.info("training %s on %d samples: %d process(es) x batch %d x accum %d = global batch %d, "
                     "%d trainable tensors, step %d -> %d", "LoRA" if lora is not None else "all weights",
                     len(data), dist.world_size, tc.batch_size, tc.grad_accum,
