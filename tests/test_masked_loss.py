@@ -150,3 +150,23 @@ def test_cli_trains_masked_with_reg_and_loha_on_the_node_cache(masked_cache):
     assert "step 2/2" in log and "'repeats': [2]" in log and "'share': 0.5" in log, log[-3000:]
     sd = load_file(str(masked_cache.work / "cli_masked" / "lora.safetensors"))
     assert sd and all(k.split(".")[-1] in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha") for k in sd)
+
+
+def test_node_trains_masked_with_extra_and_reg_caches(comfy, masked_cache):
+    """OboroTrainLoRA's extra_caches / reg_cache / reg_weight / masked_loss inputs through the executor:
+    the summary lists the three sources with the shares datasets.py gives them."""
+    train = {"model": ["m", 0], "cache_dir": str(masked_cache.cache), "output_name": "masked_node", "steps": 2,
+             "batch_size": 1, "lr": 1e-3, "warmup": 0, "schedule": "constant", "optimizer": "adamw",
+             "grad_accum": 1, "clip_grad_norm": 1.0, "precision": "fp32", "gradient_checkpointing": False,
+             "caption_dropout": 0.0, "t_sampling": "uniform", "spike_guard": False, "seed": 0,
+             "checkpoint_every": 0, "keep_last": 1, "rank": 2, "alpha": 2.0, "dropout": 0.0, "targets": "attn",
+             "overwrite": True, "adapter": "dora", "extra_caches": f"{masked_cache.cache} 0.5 2",
+             "reg_cache": str(masked_cache.cache), "reg_weight": 0.5, "masked_loss": True}
+    graph = {"m": {"class_type": "OboroModelLoader", "inputs": {"model_name": f"{SUB}/base.safetensors",
+                                                                "weight_dtype": "fp32"}},
+             "train": {"class_type": "OboroTrainLoRA", "inputs": train}}
+    s = json.loads(comfy.run(graph)["outputs"]["train"]["text"][0])
+    assert s["step"] == 2
+    # main: repeats 2 (image folder 2_masked) x 3 items = 6; extra: 0.5 x 2 x 3 = 3; reg: 9 -> 1/3, 1/6, 1/2
+    assert [(d["repeats"], d["reg"], d["share"]) for d in s["data"]] == [([2], False, 0.3333), ([2], False, 0.1667),
+                                                                         ([2], True, 0.5)]
