@@ -82,6 +82,27 @@ def test_trainer_applies_the_items_masks():
     assert moved and plain[0] > 0 and 0 < half[0] < plain[0]
 
 
+def test_editing_a_mask_reencodes_only_its_item(tmp_path):
+    from oboro.oboro_model.data import OboroDataset
+    from oboro.oboro_model.data.masks import LossMasked
+    from test_latent_cache import FakeEncoders, build, write_images
+    data, masks, enc = write_images(tmp_path / "ds", n=4, sizes=[(64, 64)] * 4), tmp_path / "masks", FakeEncoders()
+    masks.mkdir()
+    assert build(OboroDataset(data, policy="fixed", size=64), tmp_path / "c", enc)["encoded"] == 4
+    for i in (0, 1):
+        Image.fromarray(np.full((64, 64), 255 * i, np.uint8), "L").save(masks / f"img{i}.png")
+    ds = LossMasked(OboroDataset(data, policy="fixed", size=64), masks)
+    r = build(ds, tmp_path / "c", enc)  # two items gained a mask: only they are encoded again
+    assert (r["encoded"], r["reused"]) == (2, 2)
+    Image.fromarray(np.full((64, 64), 128, np.uint8), "L").save(masks / "img1.png")
+    r = build(LossMasked(OboroDataset(data, policy="fixed", size=64), masks), tmp_path / "c", enc)
+    assert (r["encoded"], r["reused"]) == (1, 3)
+    cache = LatentCache(tmp_path / "c")
+    got = {cache[i]["file"]: cache[i].get("loss_mask") for i in range(4)}
+    assert got["img0.png"].max() == 0 and torch.allclose(got["img1.png"], torch.full((8, 8), 128 / 255))
+    assert got["img2.png"] is None and got["img3.png"] is None
+
+
 # ---- a node-written cache with masks, and scripts/oboro-train on it --------------------------------
 @pytest.fixture(scope="module")
 def masked_cache(comfy, tmp_path_factory):

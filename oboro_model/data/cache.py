@@ -10,7 +10,10 @@ Layout of a cache folder:
 The manifest also records (outside `settings`, so item hashes do not depend on them):
   "latent_transform": {"format": name, "scale": s, "shift": f}: what turns a stored latent into
       the model's input, (latent - shift) * scale (ComfyUI's latent_format.process_in);
-  "empty_prompt": "empty_prompt.safetensors".
+  "empty_prompt": "empty_prompt.safetensors";
+  "dataset_dir": the image folder it was built from (a kohya `N_name` there means N repeats).
+An item with a loss mask (data/masks.py) has "loss_mask" (the mask's sha256, or "alpha"), which
+enters its hash; items without one hash exactly as before.
 Every front end (training nodes, scripts/oboro-train) reads a cache through LatentCache and so
 applies the same transform and the same empty prompt. Caches written before these fields (no
 "latent_transform"): transform="manifest" falls back to oboro's rule by channel count

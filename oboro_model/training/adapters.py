@@ -138,6 +138,4 @@ def save_adapter(path, model: torch.nn.Module, metadata: Optional[dict] = None,
     `oboro_lora` record says the kind)."""
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(lora_metadata(model))
-    if adapter_kind(model) != "lora":
-        meta["ss_network_module"] = "lycoris.kohya" if adapter_kind(model) != "dora" else "networks.lora"
     return save_safetensors(path, adapter_state_dict(model, dtype), meta)
