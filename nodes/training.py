@@ -44,6 +44,7 @@ from ..oboro_model.training.trainer import PRECISIONS
 from .comfy_model import load_oboro_model
 from .paths import confine, free_target
 from . import training_studio as studio
+from .training_options import after_overwrite, training_data
 from .training_preview import CastForSaving, Previews, black_image, encode_plain, loss_curve_image
 
 log = logging.getLogger("oboro")
@@ -169,10 +170,11 @@ def run_config(kind: str, inputs: dict, state_dir: Path) -> tuple[TrainConfig, O
     keys = ("steps", "batch_size", "lr", "warmup", "schedule", "optimizer", "grad_accum", "gradient_checkpointing",
             "caption_dropout", "t_sampling", "spike_guard", "seed", "checkpoint_every", "keep_last")
     cfg = TrainConfig(**{k: inputs[k] for k in keys}, clip_grad_norm=inputs["clip_grad_norm"] or None,
+                      masked_loss=bool(inputs.get("masked_loss", False)),
                       precision=PRECISION[inputs["precision"]], output_dir=str(state_dir),
                       **studio.config_kwargs(inputs))
     lora = (LoraSpec(inputs.get("rank", 16), inputs.get("alpha", 16.0), inputs.get("dropout", 0.0),
-                     inputs.get("targets", "attn")) if kind == "lora" else None)
+                     inputs.get("targets", "attn"), adapter=inputs.get("adapter", "lora")) if kind == "lora" else None)
     prompts = tuple(p.strip() for p in (inputs.get("preview_prompts") or "").splitlines() if p.strip())
     previews = PreviewSpec(prompts, inputs.get("preview_every", 0), inputs.get("preview_steps", 20),
                            inputs.get("preview_cfg", 5.0), inputs.get("preview_seed", 0))
@@ -194,6 +196,13 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
     job = Job(state_dir, resume_from, node)
     cache = open_node_cache(cache_dir, fmt, node)
     check_cache_fits(cache, config, node)
+
+    def open_more(path):
+        more = open_node_cache(path, fmt, node)
+        check_cache_fits(more, config, node)
+        return more
+
+    data = training_data(cache, cache_dir, inputs, open_more, node)
     val = studio.validation_cache(inputs, lambda p: open_node_cache(p, fmt, node + " validation_cache_dir"), node)
     if val is not None:
         check_cache_fits(val, config, node + " validation_cache_dir")
@@ -218,12 +227,14 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
             net = MMHDiT(config)
         weights = {k: weights[k] for k in net.state_dict() if k in weights}
         if kind == "lora":  # the frozen base stays in the MODEL's dtype (bf16 / fp8): no fp32 copy
-            net = frozen_base_model(config, weights, scales=scales, name=f"{node} input MODEL")
+            # peft's DoRA reads the base weight itself: a scaled-fp8 base is dequantised to bf16 for it
+            narrow = torch.bfloat16 if scales and lora.adapter == "dora" else None
+            net = frozen_base_model(config, weights, narrow, scales=scales, name=f"{node} input MODEL")
         else:
             check_state_dict(net, weights, f"{node} input MODEL")
             net.load_state_dict(weights, strict=True, assign=True)
         del weights
-        trainer = build_trainer(net, cache, cfg, lora, empty=empty, validation_cache=val)
+        trainer = build_trainer(net, data, cfg, lora, empty=empty, validation_cache=val)
         job.start(trainer)
         job.tracker = studio.tracker(inputs, state_dir, stem, cfg)
 
@@ -249,8 +260,8 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
 
         def write(path):
             if kind == "lora":
-                from ..oboro_model.training.lora import save_lora
-                save_lora(path, net, metadata=info)
+                from ..oboro_model.training.adapters import save_adapter
+                save_adapter(path, net, metadata=info)
             else:
                 save_checkpoint(path, CastForSaving(net, SAVE_DTYPES[save_dtype]), metadata=info)
             return str(path)
@@ -258,13 +269,13 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
         target = free_target(target, overwrite)
         with studio.export_weights(trainer):
             write(target)
-        extra = {}
+        extra = {"data": data.describe()} if data is not cache else {}
         from ..oboro_model.training.validation import best_weights
         with best_weights(trainer) as best_step:
             if best_step is not None:
                 best = target.with_name(f"{Path(stem).name}_best.safetensors")
                 extra["best_path"] = write(free_target(best, overwrite))
-        summary = job.summary(trainer, path=str(target), items=len(trainer.dataset),
+        summary = job.summary(trainer, path=str(target), items=len(cache),
                               base_dtype=str(linear_dtype(net)).removeprefix("torch."),
                               preview_steps=previews.row_steps if previews is not None else [], **extra)
         trainer = net = None  # (the scheduler's lambdas make a cycle: collect before freeing the cache)
@@ -364,7 +375,8 @@ def schema(kind: str) -> io.Schema:
             io.Boolean.Input("overwrite", default=False, optional=True,
                              tooltip="Replace an existing file of that name. Off: an existing file is kept and the "
                                      "result gets the next free name <output_name>_00001_ (see the path output)."),
-            *studio.inputs(),  # studio options (training_studio.py): after overwrite, in their order
+            *after_overwrite(kind),  # adapters, datasets, masked loss (training_options.py)
+            *studio.inputs(),  # studio options (training_studio.py): after those, in their order
         ],
         outputs=[io.Model.Output(), io.String.Output("path", display_name="path"),
                  io.Image.Output("loss_curve", display_name="loss_curve"),

@@ -111,6 +111,13 @@ class OboroCacheLatents(io.ComfyNode):
                              tooltip="fixed policy: height (0: same as size)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True, control_after_generate=False,
                              tooltip="Seed of the (deterministic) random crops."),
+                io.String.Input("mask_dir", default="", optional=True,
+                                tooltip="Loss masks for masked_loss: <mask_dir>/<image path> (or .png), white = "
+                                        "learn, black = ignore (label maps: label > 0 = learn); cropped like "
+                                        "their image, stored at latent resolution. Empty: none."),
+                io.Boolean.Input("alpha_mask", default=False, optional=True,
+                                 tooltip="Images without a mask file use their alpha channel as loss mask "
+                                         "(transparent = ignore)."),
             ],
             outputs=[io.String.Output("cache_dir", display_name="cache_dir"),
                      io.String.Output("report", display_name="report")],
@@ -118,12 +125,13 @@ class OboroCacheLatents(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, dataset_dir="", cache_name="", **kwargs):
-        """Re-run when any file under dataset_dir changes or the cache disappears."""
+    def fingerprint_inputs(cls, dataset_dir="", cache_name="", mask_dir="", **kwargs):
+        """Re-run when any file under dataset_dir (or mask_dir) changes or the cache disappears."""
         if not dataset_dir or not os.path.isdir(dataset_dir):
             return f"missing:{dataset_dir}"
         h = hashlib.sha256()
-        for d, subdirs, names in os.walk(dataset_dir):
+        for d, subdirs, names in (w for root in (dataset_dir, (mask_dir or "").strip()) if root
+                                  for w in os.walk(root)):
             subdirs.sort()
             for n in sorted(names):
                 try:
@@ -139,7 +147,7 @@ class OboroCacheLatents(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset_dir, vae, clip, policy, size, area, max_tokens, cache_name, score_column="",
-                height=0, seed=0) -> io.NodeOutput:
+                height=0, seed=0, mask_dir="", alpha_mask=False) -> io.NodeOutput:
         if vae is None or clip is None:
             raise RuntimeError("connect a VAE and a text encoder (OboroT5Loader)")
         ratio = vae.spacial_compression_encode()
@@ -151,6 +159,10 @@ class OboroCacheLatents(io.ComfyNode):
         if len(dataset) == 0:
             raise ValueError(f"{dataset_dir}: no usable image-caption pairs; skipped: "
                              + json.dumps(dataset.report[:20], ensure_ascii=False))
+        masks = None
+        if (mask_dir or "").strip() or alpha_mask:
+            from ..oboro_model.data.masks import LossMasked
+            dataset = masks = LossMasked(dataset, (mask_dir or "").strip() or None, alpha_mask)
         folder = cache_folder(cache_name)
         settings = {"vae": type(vae.first_stage_model).__name__, "vae_hash": fingerprint(vae.first_stage_model),
                     "t5": type(clip.cond_stage_model).__name__, "max_tokens": int(max_tokens),
@@ -165,6 +177,7 @@ class OboroCacheLatents(io.ComfyNode):
         summary = {"cache_dir": str(folder), "items": report["items"], "encoded": report["encoded"],
                    "reused": report["reused"], "skipped_count": len(report["skipped"]),
                    "captions_truncated": stats["truncated"], "buckets": [list(b) for b in dataset.buckets],
+                   **({"loss_masks": masks.counts()} if masks is not None else {}),
                    "skipped": report["skipped"]}
         text = json.dumps(summary, indent=1, ensure_ascii=False)
         log.info("OboroCacheLatents: %s: %d items (%d encoded, %d reused), %d skipped", folder, report["items"],

@@ -5,11 +5,15 @@ Layout of a cache folder:
                             "items": [{"file", "sha256", "image_sha256", "caption", "bucket",
                                        "shard", "key", "latent_shape", "text_len"}, ...], "skipped": [...]}
   shard_00000.safetensors  latent_<key> [C,h,w], text_<key> [L,D], text_mask_<key> [L]
+                           (+ lossmask_<key> [h,w] for items with a loss mask, masks.py)
   empty_prompt.safetensors text [Le,D], text_mask [Le]: the text encoder's "" (caption dropout)
 The manifest also records (outside `settings`, so item hashes do not depend on them):
   "latent_transform": {"format": name, "scale": s, "shift": f}: what turns a stored latent into
       the model's input, (latent - shift) * scale (ComfyUI's latent_format.process_in);
-  "empty_prompt": "empty_prompt.safetensors".
+  "empty_prompt": "empty_prompt.safetensors";
+  "dataset_dir": the image folder it was built from (a kohya `N_name` there means N repeats).
+An item with a loss mask (data/masks.py) has "loss_mask" (the mask's sha256, or "alpha"), which
+enters its hash; items without one hash exactly as before.
 Every front end (training nodes, scripts/oboro-train) reads a cache through LatentCache and so
 applies the same transform and the same empty prompt. Caches written before these fields (no
 "latent_transform"): transform="manifest" falls back to oboro's rule by channel count
@@ -120,6 +124,7 @@ class LatentCache(torch.utils.data.Dataset):
         check_items(self.folder / MANIFEST, m.get("items"))
         self.settings, self.items, self.skipped = m.get("settings", {}), m["items"], m.get("skipped", [])
         self.latent_transform: Optional[dict] = m.get("latent_transform")
+        self.dataset_dir: Optional[str] = m.get("dataset_dir")  # the image folder (its N_name = repeats)
         self._handles: dict = {}
         if transform == "manifest":
             transform = ScaleShift(self.resolved_transform())
@@ -169,18 +174,26 @@ class LatentCache(torch.utils.data.Dataset):
             text, mask = f.get_tensor(name := f"text_{k}"), f.get_tensor(name := f"text_mask_{k}")
         except Exception as e:  # noqa: BLE001 - safetensors' own errors name no file
             raise shard_error(self.folder, i, it, name, e) from None
-        return {"latent": self.transform(latent) if self.transform else latent, "text": text,
-                "text_mask": mask, "caption": it["caption"], "file": it["file"]}
+        out = {"latent": self.transform(latent) if self.transform else latent, "text": text,
+               "text_mask": mask, "caption": it["caption"], "file": it["file"]}
+        if it.get("loss_mask"):  # masks.py: [h, w] loss weights at latent resolution
+            try:
+                out["loss_mask"] = f.get_tensor(name := f"lossmask_{k}")
+            except Exception as e:  # noqa: BLE001
+                raise shard_error(self.folder, i, it, name, e) from None
+        return out
 
 
 class _ShardWriter:
     def __init__(self, folder: Path, first: int, shard_size: int):
         self.folder, self.next, self.size, self.pending, self.names = folder, first, max(1, shard_size), {}, []
 
-    def add(self, key: str, latent, text, mask) -> str:
+    def add(self, key: str, latent, text, mask, loss_mask=None) -> str:
         self.pending.update({f"latent_{key}": latent, f"text_{key}": text, f"text_mask_{key}": mask})
+        if loss_mask is not None:
+            self.pending[f"lossmask_{key}"] = loss_mask
         name = f"shard_{self.next:05d}.safetensors"
-        if len(self.pending) >= 3 * self.size:
+        if sum(k.startswith("latent_") for k in self.pending) >= self.size:
             self.flush()
         return name
 
@@ -205,9 +218,18 @@ def _valid_old_items(folder: Path, manifest: Optional[dict]) -> tuple[dict, dict
             except Exception:  # noqa: BLE001 - a missing or damaged shard only means re-encoding
                 keys[shard] = set()
         k = it.get("key")
-        if {f"latent_{k}", f"text_{k}", f"text_mask_{k}"} <= keys[shard]:
+        need = {f"latent_{k}", f"text_{k}", f"text_mask_{k}"} | ({f"lossmask_{k}"} if it.get("loss_mask") else set())
+        if need <= keys[shard]:
             out.setdefault(it["sha256"], it)
-    return out, {shard: len(k) // 3 for shard, k in keys.items()}
+    return out, {shard: sum(n.startswith("latent_") for n in k) for shard, k in keys.items()}
+
+
+def _item_loss_mask(item: dict, size) -> Optional[torch.Tensor]:
+    """An encoded item's loss mask (masks.LossMasked: [1, H, W] pixels) on the latent grid, or None."""
+    if item.get("loss_mask") is None:
+        return None
+    from .masks import to_latent_grid
+    return to_latent_grid(item["loss_mask"], tuple(size))
 
 
 def _write_empty_prompt(folder: Path, encode_text: Callable, previous: Optional[dict], settings: dict) -> None:
@@ -249,7 +271,8 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
     plan, todo = [], {}  # plan: (index, source, hash); todo: hash -> index of its first item
     for i in range(len(dataset)):
         src = dataset.source(i)
-        h = item_hash(src["image_sha256"], src["caption"], {**base, "bucket": src["bucket"]})
+        extra = {"loss_mask": src["loss_mask"]} if src.get("loss_mask") else {}  # masks.py; absent: hash as before
+        h = item_hash(src["image_sha256"], src["caption"], {**base, "bucket": src["bucket"], **extra})
         plan.append((i, src, h))
         if h not in old:
             todo.setdefault(h, i)
@@ -273,7 +296,8 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
                 for j, (i, h, _) in enumerate(got):
                     lat, txt = _squeeze(latents[j], 3), _squeeze(hidden[j], 2)
                     mask = _squeeze(masks[j], 1) if masks is not None else torch.ones(txt.shape[0], dtype=torch.long)
-                    done[h] = (writer.add(str(i), lat, txt, mask), str(i), list(lat.shape), txt.shape[0])
+                    lm = _item_loss_mask(got[j][2], lat.shape[-2:])
+                    done[h] = (writer.add(str(i), lat, txt, mask, lm), str(i), list(lat.shape), txt.shape[0])
             n_done += len(batch)
             if progress:
                 progress(n_done, len(todo))
@@ -291,6 +315,7 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
             if len(live[o["shard"]]) * 2 < totals[o["shard"]]:
                 with safe_open(str(folder / o["shard"]), framework="pt") as f:
                     t = [f.get_tensor(f"{p}_{o['key']}") for p in ("latent", "text", "text_mask")]
+                    t.append(f.get_tensor(f"lossmask_{o['key']}") if o.get("loss_mask") else None)
                 done[h] = (writer.add(str(i), *t), str(i), o["latent_shape"], o["text_len"])
             else:
                 done[h] = (o["shard"], o["key"], o["latent_shape"], o["text_len"])
@@ -302,6 +327,8 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
         transform = default_latent_transform(int(items[0]["latent_shape"][0]) if items else 3)
     manifest = {"format": FORMAT, "version": VERSION, "settings": base, "latent_transform": dict(transform),
                 "empty_prompt": EMPTY_PROMPT, "items": items, "skipped": skipped}
+    if getattr(dataset, "root", None):
+        manifest["dataset_dir"] = str(dataset.root)
     _write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     remove_unused(folder, prev, journal_names(folder), {it["shard"] for it in items}, (MANIFEST, EMPTY_PROMPT))
     return {"encoded": encoded, "reused": len(items) - encoded, "skipped": skipped, "items": len(items),

@@ -41,12 +41,16 @@ class DataOrder:
         self.generator = generator
         self.order, self.epoch, self.pos = torch.zeros(0, dtype=torch.long), 0, 0
 
+    def new_epoch(self, n: int) -> torch.Tensor:
+        """The next epoch's indices (steps of n); datasets.MixtureOrder weighs several sources."""
+        return epoch_order(self.groups, n, self.generator)
+
     def take(self, n: int) -> list[int]:
         """The next n indices (one step); with several buckets all from one bucket."""
         out: list[int] = []
         while len(out) < n:
             if self.pos >= len(self.order):
-                self.order, self.pos = epoch_order(self.groups, n, self.generator), 0
+                self.order, self.pos = self.new_epoch(n), 0
                 self.epoch += 1
             take = min(n - len(out), len(self.order) - self.pos)
             out += self.order[self.pos:self.pos + take].tolist()

@@ -21,6 +21,9 @@ CONFIG.toml (relative paths are relative to the file):
                                       # prompt are applied as the training nodes apply them
     validation_cache_dir = "val"      # optional: a second cache scored for validation (or
                                       # [training] validation_split = 0.1 to hold out a fraction)
+    # Several caches: [[data]] tables instead, each path + optional weight (1.0), repeats (from
+    # an N_name folder, else 1), loss_weight (1.0), reg (false: true = regularization set); see
+    # oboro_model/training/datasets.py and README "Datasets, adapters, masked loss".
 
     [training]                        # any TrainConfig field; batch_size is per process
     steps = 1000
@@ -36,6 +39,7 @@ CONFIG.toml (relative paths are relative to the file):
     targets = "attn"                  # attn | mlp | all | [module paths or suffixes]
     base_dtype = "stored"             # the frozen base's Linear weights: stored (the checkpoint's
                                       # dtype) | fp32 | bf16 | fp16 | fp8_e4m3fn | fp8_e5m2
+    adapter = "lora"                  # lora | loha | lokr | dora (README: adapter kinds)
 
     [output]
     dir = "runs/my-run"               # training states (step_*.safetensors) and the final export
@@ -67,6 +71,7 @@ from ..model import MMHDiT
 from ..data import LatentCache
 from ..data.cache import MANIFEST
 from .frozen_base import frozen_base_model, linear_dtype, storage_dtype
+from .datasets import has_loss_masks, open_training_data, parse_data_config
 from .run import LoraSpec, build_trainer, check_cache_fits, open_cache
 from .job import Job
 from .memory import log_plan
@@ -75,9 +80,8 @@ from .trainer import LocalProcess, Trainer, TrainConfig
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("model", "data", "training", "lora", "output")
-LORA_KEYS = ("rank", "alpha", "dropout", "targets", "base_dtype")
+LORA_KEYS = ("rank", "alpha", "dropout", "targets", "base_dtype", "adapter")
 OUTPUT_KEYS = ("dir", "name", "resume", "log_every", "log_with")
-DATA_KEYS = ("path", "validation_cache_dir")
 MODEL_KEYS = ("preset", "config", "seed", "checkpoint")
 
 
@@ -212,7 +216,7 @@ def plan_from_config(cfg: Union[str, Path, Mapping], device: Optional[str] = Non
     if resolution:
         f = 1 if config.in_channels == 3 else VAE_FACTOR
         latent = (resolution // f, resolution // f)
-    data = (cfg.get("data") or {}).get("path")
+    data = parse_data_config(cfg["data"])[0].path if cfg.get("data") else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     spec = None if lora is None else lora_spec(lora)
     return plan_for_training(config, tc, spec, None if data is None else _path(base, data), device, latent,
@@ -242,7 +246,7 @@ def lora_spec(table: Mapping) -> LoraSpec:
     storage_dtype(base_dtype)  # a clear error for an unknown name, before anything loads
     return LoraSpec(int(table.get("rank", 16)), None if table.get("alpha") is None else float(table["alpha"]),
                     float(table.get("dropout", 0.0)), targets if isinstance(targets, str) else tuple(targets),
-                    base_dtype)
+                    base_dtype, str(table.get("adapter", "lora")))
 
 
 def train_config(cfg: Mapping, output_dir: Optional[Path]) -> TrainConfig:
@@ -274,9 +278,13 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     lora = cfg.get("lora")
     if lora is not None:
         _check_keys("lora", lora, LORA_KEYS)
-    if "data" not in cfg or "path" not in cfg["data"]:
+    if "data" not in cfg:
         raise ValueError("[data]: needs `path` (a latent cache folder written by OboroCacheLatents)")
-    _check_keys("data", cfg["data"], DATA_KEYS)
+    data_table = cfg["data"]
+    val_dir = data_table.get("validation_cache_dir") if isinstance(data_table, Mapping) else None
+    if isinstance(data_table, Mapping):  # the validation cache is not a training source
+        data_table = {k: v for k, v in data_table.items() if k != "validation_cache_dir"}
+    sources = parse_data_config(data_table)
     if "model" not in cfg:
         raise ValueError("config needs `model` (a preset name or checkpoint path, or a [model] table)")
 
@@ -291,12 +299,18 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
     torch.manual_seed(tc.seed)
     spec = None if lora is None else lora_spec(lora)
     model = build_model(cfg["model"], base, None if spec is None else spec.base_dtype)
-    data = load_cached_dataset(_path(base, cfg["data"]["path"]))
-    check_cache_fits(data, model.config, "[data]")
-    val = None
-    if cfg["data"].get("validation_cache_dir"):
-        val = load_cached_dataset(_path(base, cfg["data"]["validation_cache_dir"]))
-        check_cache_fits(val, model.config, "[data] validation_cache_dir")
+
+    def open_one(path, what="[data]"):
+        cache = load_cached_dataset(_path(base, path))
+        check_cache_fits(cache, model.config, what)
+        return cache
+
+    data = open_training_data(sources, open_one)
+    if tc.masked_loss and not has_loss_masks(data):
+        raise ValueError("[training] masked_loss = true, but no [data] cache stores loss masks; build it with "
+                         "OboroCacheLatents' mask_dir or alpha_mask")
+    folder = getattr(data, "caches", [data])[0].folder
+    val = open_one(val_dir, "[data] validation_cache_dir") if val_dir else None
     tr = build_trainer(model.to(accelerator.device), data, tc, spec, dist=dist, validation_cache=val)
     job = None
     log_with = str(out.get("log_with", "none"))
@@ -309,7 +323,7 @@ def train_from_config(cfg: Union[str, Path, Mapping], accelerator=None) -> dict:
         job.tracker = Tracker(log_with, Path(tc.output_dir) / "logs", Path(tc.output_dir).name,
                               dataclasses.asdict(tc), is_main=dist.is_main)
     if dist.is_main:
-        log_plan(logger, "oboro-train", model.config, tc, spec, data.folder, accelerator.device.type,
+        log_plan(logger, "oboro-train", model.config, tc, spec, folder, accelerator.device.type,
                  base_dtype=None if spec is None else linear_dtype(model))
         logger.info("training %s on %d samples: %d process(es) x batch %d x accum %d = global batch %d, "
                     "%d trainable tensors, step %d -> %d", "LoRA" if lora is not None else "all weights",
@@ -346,14 +360,14 @@ def export(tr: Trainer, out_dir: Path, name: Optional[str], is_lora: bool) -> li
     best validation loss: the EMA ones with EMA on)."""
     if not tr.dist.is_main:
         return []
-    from .lora import save_lora
+    from .adapters import save_adapter
     name = name or ("lora" if is_lora else "model")
     meta = {"oboro_train_step": str(tr.step)}
     if tr.schedule_free:
         tr.optimizer.eval()  # ScheduleFree: the weights to use are the averaged sequence
 
     def write(path):
-        return save_lora(path, tr.model, meta) if is_lora else save_checkpoint(path, tr.model, meta)
+        return save_adapter(path, tr.model, meta) if is_lora else save_checkpoint(path, tr.model, meta)
 
     paths = [write(out_dir / f"{name}.safetensors")]
     if tr.ema is not None:

@@ -159,6 +159,8 @@ def load_lora(model: torch.nn.Module, path, dropout: Optional[float] = None) -> 
     if LORA_META_KEY not in meta:
         raise ValueError(f"{path}: no {LORA_META_KEY!r} header; not a LoRA written by save_lora")
     info = json.loads(meta[LORA_META_KEY])
+    if info.get("adapter", "lora") != "lora":
+        raise ValueError(f"{path}: a {info['adapter']} adapter; load_lora reads plain LoRAs only")
     add_lora(model, info["rank"], info["alpha"], info["dropout"] if dropout is None else dropout, info["modules"])
     _unwrap(model).oboro_lora["targets"] = info["targets"]
     layers = lora_layers(model)

@@ -74,15 +74,23 @@ def drop_captions(text: torch.Tensor, text_mask: torch.Tensor, drop: torch.Tenso
 
 def icfm_loss(model, x1: torch.Tensor, text: torch.Tensor, text_mask: Optional[torch.Tensor],
               t: torch.Tensor, x0: torch.Tensor, sigma: float = 0.0, eps: Optional[torch.Tensor] = None,
-              reduction: str = "mean") -> torch.Tensor:
+              reduction: str = "mean", pixel_weight: Optional[torch.Tensor] = None,
+              sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MSE between the model's velocity at (x_t, t) and u = x1 - x0; per sample ([B]) with
     reduction="none". The error is taken in fp32 even under autocast: bf16 squared errors lose the
-    small differences late training depends on."""
+    small differences late training depends on. `pixel_weight` [B, 1, h, w] (masked loss) weighs
+    each position's squared error before the mean (kohya: not renormalised, so a half-masked image
+    contributes about half); `sample_weight` [B] weighs each sample's loss (regularization)."""
     if sigma and eps is None:
         raise ValueError("sigma > 0 needs eps (draw it from the trainer's generator for reproducibility)")
     xt, u = icfm_sample(x0, x1, t, sigma=sigma, eps=eps)
     pred = model(xt, t, text, text_mask)
-    per_sample = (pred.float() - u.float()).pow(2).flatten(1).mean(1)
+    err = (pred.float() - u.float()).pow(2)
+    if pixel_weight is not None:
+        err = err * pixel_weight.to(err.device, torch.float32)
+    per_sample = err.flatten(1).mean(1)
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.to(per_sample.device, torch.float32)
     if reduction == "none":
         return per_sample
     if reduction == "mean":

@@ -26,6 +26,7 @@ class LoraSpec:
     dropout: float = 0.0
     targets: Union[str, tuple] = "attn"  # attn | mlp | all | module paths or suffixes
     base_dtype: str = "stored"         # the frozen base's storage dtype (frozen_base.STORAGE_DTYPES)
+    adapter: str = "lora"              # lora | loha | lokr | dora (adapters.py)
 
 
 def open_cache(path, transform="manifest", what: str = "training") -> LatentCache:
@@ -51,8 +52,8 @@ def check_cache_fits(cache: LatentCache, config, what: str = "training") -> None
 def add_seeded_lora(model: torch.nn.Module, spec: LoraSpec, seed: int) -> torch.nn.Module:
     """Inject `spec` with its random init drawn from `seed` (the global RNG is left as it was), so
     every front end starts a LoRA run from the same weights."""
-    from .lora import add_lora
-    return add_lora(model, spec.rank, spec.alpha, spec.dropout, spec.targets, seed=seed)
+    from .adapters import add_adapter
+    return add_adapter(model, spec.adapter, spec.rank, spec.alpha, spec.dropout, spec.targets, seed=seed)
 
 
 def build_trainer(model: torch.nn.Module, cache, config: TrainConfig, lora: Optional[LoraSpec] = None,

@@ -29,6 +29,7 @@ from .batching import DataOrder
 from .loss import T_SAMPLING, caption_dropout_mask, drop_captions, icfm_loss, sample_t
 from .optim import EMA, LRSchedule, build_optimizer, build_scheduler, is_schedule_free
 from .spike_guard import SpikeGuard
+from .weighting import pixel_weights, sample_weights
 from .state import (capture, checkpoint_path, latest_checkpoint, prune_checkpoints, read_state, remove_stale_temps,
                     restore, write_state)
 
@@ -84,6 +85,7 @@ class TrainConfig:
     ema_start: int = 0                 # the EMA follows the weights exactly up to this step, averages after
     caption_dropout: float = 0.1       # p of training a sample unconditionally (for CFG)
     mask_dropout: float = 0.0          # items with "mask_labels" (mask control): p of dropping the mask
+    masked_loss: bool = False          # weigh the loss by the items' loss masks (cache built with masks)
     t_sampling: str = "uniform"        # uniform | logit_normal | shifted
     t_mean: float = 0.0                # logit_normal: sigmoid(N(t_mean, t_std))
     t_std: float = 1.0
@@ -178,7 +180,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
         self.data_gen = torch.Generator().manual_seed(c.seed)
         self.noise_gen = torch.Generator().manual_seed(c.seed + 0x5EED)
-        self.data_order, self.step = DataOrder(dataset, self.data_gen), 0
+        make_order = getattr(dataset, "data_order", None)  # a weighted mixture (datasets.py) brings its own
+        self.data_order = make_order(self.data_gen) if make_order is not None else DataOrder(dataset, self.data_gen)
+        self.step = 0
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self._saved_step: Optional[int] = None
         self._committing = False
@@ -259,12 +263,14 @@ class Trainer:
                     labels = torch.stack([it["mask_labels"] for it in items[sl]]).to(dev)
                     model = functools.partial(model, mask_labels=labels,
                                               mask_keep=None if keep is None else keep[sl].to(dev))
+                pw, sw = pixel_weights(items[sl], c.masked_loss), sample_weights(items[sl])
                 last = i == c.grad_accum - 1
                 with contextlib.nullcontext() if last else self.dist.no_sync(self.forward_model):
                     with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                         loss = icfm_loss(model, x1.to(**cast), text.to(**cast), mask.to(dev),
                                          t[sl].to(dev), x0[sl].to(**cast), c.sigma,
-                                         None if eps is None else eps[sl].to(**cast))
+                                         None if eps is None else eps[sl].to(**cast), pixel_weight=pw,
+                                         sample_weight=sw)
                     loss = loss / c.grad_accum
                     self.dist.backward(self.scaler.scale(loss))
                 total += loss.detach()
