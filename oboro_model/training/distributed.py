@@ -23,7 +23,7 @@ CONFIG.toml (relative paths are relative to the file):
                                       # [training] validation_split = 0.1 to hold out a fraction)
     # Several caches: [[data]] tables instead, each path + optional weight (1.0), repeats (from
     # an N_name folder, else 1), loss_weight (1.0), reg (false: true = regularization set); see
-    # oboro_model/training/datasets.py and README "Datasets, adapters, masked loss".
+    # oboro_model/training/datasets.py and README "Adapter kinds, weighted datasets".
 
     [training]                        # any TrainConfig field; batch_size is per process
     steps = 1000
