@@ -275,7 +275,7 @@ def train(kind: str, model, cache_dir: str, output_name: str, resume_from: str =
             if best_step is not None:
                 best = target.with_name(f"{Path(stem).name}_best.safetensors")
                 extra["best_path"] = write(free_target(best, overwrite))
-        summary = job.summary(trainer, path=str(target), items=len(cache),
+        summary = job.summary(trainer, path=str(target), items=len(trainer.dataset),
                               base_dtype=str(linear_dtype(net)).removeprefix("torch."),
                               preview_steps=previews.row_steps if previews is not None else [], **extra)
         trainer = net = None  # (the scheduler's lambdas make a cycle: collect before freeing the cache)
