@@ -57,10 +57,14 @@ def model_folder(kind: str, name: str) -> Path:
 
 
 def readable_dataset(path: str) -> Path:
-    """Reads are not confined (README "Safety on a shared server"); only checked to exist."""
-    if not (path or "").strip() or not os.path.isdir(path):
-        raise FileNotFoundError(f"dataset_dir {path!r}: not a folder")
-    return Path(path).resolve()
+    """Reads are not confined (README "Safety on a shared server"); a relative name is taken under
+    ComfyUI's input folder, as for the writing nodes."""
+    folder = Path(path or "")
+    if (path or "").strip() and not folder.is_absolute():
+        folder = Path(folder_paths.get_input_directory()) / folder
+    if not (path or "").strip() or not folder.is_dir():
+        raise FileNotFoundError(f"dataset_dir {path!r}: not a folder ({folder.resolve()})")
+    return folder.resolve()
 
 
 def writable_dataset(path: str) -> Path:

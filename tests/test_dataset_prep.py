@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from oboro.oboro_model import demo_data
 from oboro.oboro_model.data import dedup
 from oboro.oboro_model.data.exclusions import read_exclusions, write_exclusions
-from tiny_prep import EDITS, save_tiny_aesthetic, save_tiny_florence
+from oboro.runner.near_dups import EDITS, smaller
+from tiny_prep import save_tiny_aesthetic, save_tiny_florence
 
 SUB = "dataprep"
 TEXT_DIM = 32
@@ -210,3 +211,34 @@ def test_score_node_writes_metadata_that_the_cache_tags(comfy, prep_models, tiny
     captions = {i["file"]: i["caption"] for i in manifest["items"]}
     assert captions == {"img0.png": "my own caption, good score", "img1.png": "picture 1, good score",
                         "img2.png": "picture 2, excellent score"}
+
+
+def test_dataset_prep_template_twin_and_run(comfy, prep_models, tiny_t5, demo, tmp_path):
+    """The shipped template converts to its API twin and runs as is, with only model names, the
+    dataset folder and sizes changed: folder -> dedup -> caption -> score -> cache."""
+    from oboro.runner import convert
+    repo = Path(__file__).resolve().parents[1]
+    ui = convert.load(repo / "example_workflows" / "oboro_dataset_prep.json")
+    api = convert.load(repo / "workflows_api" / "oboro_dataset_prep.api.json")
+    assert convert.is_ui(ui) and not convert.is_ui(api)
+    assert convert.to_api(ui, convert.local_node_defs()) == api
+    data = tmp_path / "studio"
+    data.mkdir()
+    sources = sorted(demo.glob("*.png"))[5::40]
+    for src in sources:
+        Image.open(src).save(data / src.name)
+    smaller(Image.open(sources[0]).convert("RGB")).save(data / "copy.png")  # "largest" keeps the source
+    nodes = {n["class_type"]: n["inputs"] for n in api.values()}
+    nodes["OboroDedupDataset"].update(dataset_dir=str(data), report_name=f"{SUB}/template")
+    nodes["OboroCaptionDataset"].update(model=prep_models.florence, max_new_tokens=6, num_beams=1)
+    nodes["OboroScoreDataset"].update(model=prep_models.aesthetic)
+    nodes["OboroT5Loader"].update(t5_name=tiny_t5)
+    nodes["VAELoader"].update(vae_name="pixel_space")
+    nodes["OboroCacheLatents"].update(policy="fixed", size=32, max_tokens=16, cache_name=f"{SUB}_template")
+    nodes["SaveImage"].update(filename_prefix=f"{SUB}/template_sheet")
+    comfy.run(api)
+    manifest = json.loads((comfy.output / "oboro_cache" / f"{SUB}_template" / "manifest.json").read_text())
+    assert sorted(i["file"] for i in manifest["items"]) == sorted(s.name for s in sources)
+    assert all(i["caption"].endswith(", good score") for i in manifest["items"])
+    assert not (data / "copy.txt").exists()  # the duplicate was neither captioned nor scored
+    assert "copy.png" not in (data / "metadata.jsonl").read_text()

@@ -1,13 +1,10 @@
 """Tiny random-weight stand-ins for the data-prep models (no Florence-2 or SigLIP weights exist
-offline), built from their transformers configs and saved in the layout the nodes read, plus the
-near-duplicate edits the dedup tests inject."""
+offline), built from their transformers configs and saved in the layout the nodes read."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageEnhance
 from safetensors.torch import save_file
 
 WORDS = "a the red green blue yellow circle square triangle on of background image shows with in and".split()
@@ -60,29 +57,3 @@ def save_tiny_aesthetic(folder: Path, centre: float = 5.5, seed: int = 0) -> Pat
     save_file({f"scoring_head.{k}": v.contiguous() for k, v in head.state_dict().items()},
               str(folder / "aesthetic_predictor_v2_5.safetensors"))
     return folder
-
-
-# --- near-duplicate edits (the issue's list) ------------------------------------------------------
-
-def jpeg(img: Image.Image) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=70)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-
-
-def crop10(img: Image.Image) -> Image.Image:
-    """A centred crop removing 10 % of the area (2.6 % of each side)."""
-    w, h = img.size
-    dx, dy = round(w * (1 - 0.9 ** 0.5) / 2), round(h * (1 - 0.9 ** 0.5) / 2)
-    return img.crop((dx, dy, w - dx, h - dy))
-
-
-def brighter(img: Image.Image) -> Image.Image:
-    return ImageEnhance.Brightness(img).enhance(1.08)
-
-
-def smaller(img: Image.Image) -> Image.Image:
-    return img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.Resampling.LANCZOS)
-
-
-EDITS = (jpeg, crop10, brighter, smaller)
