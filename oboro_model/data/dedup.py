@@ -188,15 +188,16 @@ def contact_sheet(root, groups: list[list[str]], thumb: int = 96, max_groups: in
     duplicates framed red. A plain grey strip when there are no duplicates."""
     rows = groups[:max_groups]
     cols = max([min(len(g), max_per_group) for g in rows], default=1)
-    pad = 4
+    pad, frame = 10, 3
     sheet = Image.new("RGB", (cols * (thumb + pad) + pad, max(1, len(rows)) * (thumb + pad) + pad), (40, 40, 40))
     for r, group in enumerate(rows):
         for c, rel in enumerate(group[:max_per_group]):
             x, y = pad + c * (thumb + pad), pad + r * (thumb + pad)
-            sheet.paste((60, 200, 60) if c == 0 else (220, 50, 50), (x - 2, y - 2, x + thumb + 2, y + thumb + 2))
+            sheet.paste((60, 200, 60) if c == 0 else (220, 50, 50), (x - frame, y - frame, x + thumb + frame, y + thumb + frame))
+            sheet.paste((25, 25, 25), (x, y, x + thumb, y + thumb))
             try:
                 img = load_image(Path(root) / rel)
-                img.thumbnail((thumb, thumb))
+                img.thumbnail((thumb, thumb))  # never enlarged: relative sizes stay visible
             except Exception:  # noqa: BLE001 - a file gone since embedding: leave the cell dark
                 continue
             sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
