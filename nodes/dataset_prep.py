@@ -195,6 +195,7 @@ class OboroDedupDataset(io.ComfyNode):
 
 def clip_embedding(clip_vision):
     """A core CLIP_VISION object's projected image embedding (image_embeds) of one image."""
+    @torch.inference_mode()
     def embed(img):
         pixels = torch.from_numpy(np.asarray(img, np.float32) / 255.0)[None]
         return clip_vision.encode_image(pixels, crop=True)["image_embeds"][0].float().cpu().numpy()

@@ -242,3 +242,29 @@ def test_dataset_prep_template_twin_and_run(comfy, prep_models, tiny_t5, demo, t
     assert all(i["caption"].endswith(", good score") for i in manifest["items"])
     assert not (data / "copy.txt").exists()  # the duplicate was neither captioned nor scored
     assert "copy.png" not in (data / "metadata.jsonl").read_text()
+
+
+def test_clip_vision_embedding_from_core_object(comfy, demo, tmp_path):
+    """The CLIP_VISION path: core's ClipVisionModel (a tiny config, random weights; core's loader
+    only knows full-size checkpoints; 2 layers, as encode_image reads the penultimate) embeds through
+    encode_image into the projected embedding, and a JPEG re-encode is nearest to its source."""
+    import comfy.clip_vision
+    from oboro.nodes.dataset_prep import clip_embedding
+    cfg = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32,
+           "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-5,
+           "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
+           "patch_size": 8, "projection_dim": 16, "torch_dtype": "float32"}
+    (tmp_path / "cv.json").write_text(json.dumps(cfg))
+    cv = comfy.clip_vision.ClipVisionModel(str(tmp_path / "cv.json"))
+    gen = torch.Generator().manual_seed(0)
+    cv.load_sd({k: torch.randn(v.shape, generator=gen) * 0.2 + (1.0 if k.endswith("layer_norm.weight") or
+                                                                   "layernorm" in k and k.endswith("weight") else 0.0)
+                for k, v in cv.get_sd().items()})
+    files = sorted(p.name for p in demo.glob("*.png"))[:6]
+    emb = dedup.embed_folder(demo, files, clip_embedding(cv))
+    assert not emb.skipped, emb.skipped
+    assert emb.vectors.shape == (6, 16) and np.isfinite(emb.vectors).all()
+    img = Image.open(demo / files[0]).convert("RGB")
+    again = clip_embedding(cv)(EDITS[0](img))
+    x = dedup._normalise(np.concatenate([emb.vectors, again[None]]))
+    assert int(np.argmax(x[:6] @ x[6])) == 0  # nearest to its source (random weights: no threshold to test)

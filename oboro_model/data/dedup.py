@@ -77,19 +77,22 @@ class Embedded:
 def embed_folder(root, files: Sequence[str], embed: Callable[[Image.Image], np.ndarray] = hash_embedding,
                  progress: Optional[Callable[[int, int], None]] = None,
                  check: Optional[Callable[[], None]] = None) -> Embedded:
-    """Embed every file; undecodable ones are reported, not raised. `check` may raise to stop."""
+    """Embed every file; undecodable ones are reported, not raised (an error of `embed` itself
+    is). `check` may raise to stop."""
     root, kept, vecs, sizes, skipped = Path(root), [], [], [], []
     for i, rel in enumerate(files):
         if check:
             check()
         try:
             img = load_image(root / rel)
-            v = np.asarray(embed(img), np.float32).reshape(-1)
-            if not np.isfinite(v).all():
-                raise ValueError("non-finite embedding")
-            kept.append(rel), vecs.append(v), sizes.append(img.size)
         except Exception as e:  # noqa: BLE001 - a bad file is a report entry
             skipped.append({"file": rel, "reason": f"unreadable image: {type(e).__name__}: {e}"})
+        else:  # a failing embedder is not the file's fault: that raises
+            v = np.asarray(embed(img), np.float32).reshape(-1)
+            if np.isfinite(v).all():
+                kept.append(rel), vecs.append(v), sizes.append(img.size)
+            else:
+                skipped.append({"file": rel, "reason": "non-finite embedding"})
         if progress:
             progress(i + 1, len(files))
     dim = vecs[0].shape[0] if vecs else 0
