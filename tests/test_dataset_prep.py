@@ -257,8 +257,8 @@ def test_clip_vision_embedding_from_core_object(comfy, demo, tmp_path):
     (tmp_path / "cv.json").write_text(json.dumps(cfg))
     cv = comfy.clip_vision.ClipVisionModel(str(tmp_path / "cv.json"))
     gen = torch.Generator().manual_seed(0)
-    cv.load_sd({k: torch.randn(v.shape, generator=gen) * 0.2 + (1.0 if k.endswith("layer_norm.weight") or
-                                                                   "layernorm" in k and k.endswith("weight") else 0.0)
+    # core's ops skip weight init: random weights, norms' scales at 1
+    cv.load_sd({k: torch.ones(v.shape) if "norm" in k and k.endswith("weight") else torch.randn(v.shape, generator=gen) * 0.2
                 for k, v in cv.get_sd().items()})
     files = sorted(p.name for p in demo.glob("*.png"))[:6]
     emb = dedup.embed_folder(demo, files, clip_embedding(cv))
