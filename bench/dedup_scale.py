@@ -58,8 +58,8 @@ def generate(work: Path, n: int, size: int) -> dict:
         img = make_image(rng, size)
         img.save(work / f"{i:05d}.jpg", quality=90)
         if i % 20 == 0:
-            EDITS[(i // 20) % len(EDITS)](img).save(work / f"copies/{i:05d}_{EDITS[(i // 20) % len(EDITS)].__name__}.jpg",
-                                                    quality=90)
+            edit = EDITS[(i // 20) % len(EDITS)]
+            edit(img).save(work / f"copies/{i:05d}_{edit.__name__}.jpg", quality=90)
     done.write_text("ok")
     print(f"generated {n} images of {size}² in {time.perf_counter() - t:.0f}s", flush=True)
     return copies
@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     found = {frozenset(emb.files[i] for i in g) for g in groups if len(g) > 1}
     want = {frozenset((c, s)) for c, s in copies.items()}
     same = sorted(sorted(g) for g in groups) == whole
-    print(f"images: {len(files)} ({len(copies)} injected copies), embedded {len(emb.files)}, skipped {len(emb.skipped)}")
+    print(f"images: {len(files)} ({len(copies)} injected copies), embedded {len(emb.files)}, "
+          f"skipped {len(emb.skipped)}")
     print(f"embed (decode + hash): {t1 - t0:.1f}s ({1000 * (t1 - t0) / len(files):.1f} ms/image)")
     print(f"partitioned DBSCAN ({opts.partition_size}/partition, {rounds} rounds): {t2 - t1:.1f}s")
     print(f"whole-set DBSCAN: {t3 - t2:.1f}s; same groups as partitioned: {same}")

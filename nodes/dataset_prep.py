@@ -38,19 +38,24 @@ for _kind in (FLORENCE, AESTHETIC):
     folder_paths.add_model_folder_path(_kind, os.path.join(folder_paths.models_dir, _kind))
 
 
+def is_model_folder(path: Path) -> bool:
+    """A transformers folder (config.json), or for scores the tower in a siglip/ sub-folder."""
+    return (path / "config.json").is_file() or (path / "siglip" / "config.json").is_file()
+
+
 def model_folders(kind: str) -> list[str]:
-    """Sub-folders with a config.json in any registered folder of `kind` (models/<kind>/<name>/)."""
+    """Model folders in any registered folder of `kind` (models/<kind>/<name>/)."""
     names = set()
     for base in folder_paths.get_folder_paths(kind):
         if os.path.isdir(base):
-            names |= {d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json"))}
+            names |= {d for d in os.listdir(base) if is_model_folder(Path(base) / d)}
     return sorted(names)
 
 
 def model_folder(kind: str, name: str) -> Path:
     for base in folder_paths.get_folder_paths(kind):
         path = Path(base) / name
-        if name and not os.path.isabs(name) and ".." not in Path(name).parts and (path / "config.json").is_file():
+        if name and not os.path.isabs(name) and ".." not in Path(name).parts and is_model_folder(path):
             return path
     raise FileNotFoundError(f"{kind} model {name!r} not found: put the model folder (config.json, *.safetensors, "
                             f"processor files) in one of {folder_paths.get_folder_paths(kind)}")
@@ -283,7 +288,8 @@ class OboroScoreDataset(io.ComfyNode):
                         "turns the scores into the paper's quality tags and drops images below 4.",
             inputs=[
                 io.String.Input("dataset_dir", tooltip="Folder of images inside ComfyUI's input folder, output "
-                                                       "folder or OBORO_ALLOWED_ROOTS (metadata.jsonl is written there)."),
+                                                       "folder or OBORO_ALLOWED_ROOTS (metadata.jsonl is written "
+                                                       "there)."),
                 io.Combo.Input("model", options=model_folders(AESTHETIC),
                                tooltip=f"A folder in models/{AESTHETIC}/: the SigLIP vision model (config.json, "
                                        "*.safetensors, optional preprocessor_config.json; or in a siglip/ "

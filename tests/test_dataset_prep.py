@@ -170,7 +170,8 @@ def test_caption_node_writes_sidecars_keeps_existing(comfy, prep_models, tmp_pat
         "suffix": "", "overwrite": False, "max_new_tokens": 6, "num_beams": 1}}
     report = json.loads(comfy.run({"cap": node})["outputs"]["cap"]["text"][0])
     assert (report["written"], report["kept_existing"]) == (2, 1)
-    assert [s["file"] for s in report["skipped"]] == ["bad.jpg"] and "unreadable image" in report["skipped"][0]["reason"]
+    assert [s["file"] for s in report["skipped"]] == ["bad.jpg"]
+    assert "unreadable image" in report["skipped"][0]["reason"]
     assert (data / "img0.txt").read_text() == "my own caption\n"
     for i in (1, 2):
         text = (data / f"img{i}.txt").read_text(encoding="utf-8")
@@ -258,8 +259,8 @@ def test_clip_vision_embedding_from_core_object(comfy, demo, tmp_path):
     cv = comfy.clip_vision.ClipVisionModel(str(tmp_path / "cv.json"))
     gen = torch.Generator().manual_seed(0)
     # core's ops skip weight init: random weights, norms' scales at 1
-    cv.load_sd({k: torch.ones(v.shape) if "norm" in k and k.endswith("weight") else torch.randn(v.shape, generator=gen) * 0.2
-                for k, v in cv.get_sd().items()})
+    cv.load_sd({k: torch.ones(v.shape) if "norm" in k and k.endswith("weight")
+                else torch.randn(v.shape, generator=gen) * 0.2 for k, v in cv.get_sd().items()})
     files = sorted(p.name for p in demo.glob("*.png"))[:6]
     emb = dedup.embed_folder(demo, files, clip_embedding(cv))
     assert not emb.skipped, emb.skipped
@@ -268,3 +269,10 @@ def test_clip_vision_embedding_from_core_object(comfy, demo, tmp_path):
     again = clip_embedding(cv)(EDITS[0](img))
     x = dedup._normalise(np.concatenate([emb.vectors, again[None]]))
     assert int(np.argmax(x[:6] @ x[6])) == 0  # nearest to its source (random weights: no threshold to test)
+
+
+def test_remote_code_florence_folder_is_refused(tmp_path):
+    from oboro.oboro_model.data.annotate import Captioner
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "florence2", "auto_map": {"AutoConfig": "x.Y"}}))
+    with pytest.raises(ValueError, match="needs remote code"):
+        Captioner(tmp_path)

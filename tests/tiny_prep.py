@@ -30,8 +30,8 @@ def save_tiny_florence(folder: Path, seed: int = 0) -> Path:
                       bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
                       forced_bos_token_id=0, forced_eos_token_id=2)
     torch.manual_seed(seed)
-    model = Florence2ForConditionalGeneration(Florence2Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                                              image_token_id=tok.image_token_id)).eval()
+    cfg = Florence2Config(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=tok.image_token_id)
+    model = Florence2ForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight[tok.eos_token_id] = 0.0  # logit 0 for eos: rarely the top token
     proc = Florence2Processor(image_processor=CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False,

@@ -44,6 +44,10 @@ class Captioner:
     def __init__(self, folder, device="cpu", dtype=torch.float32):
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
         folder = _check_folder(folder, "Florence-2")
+        if "auto_map" in json.loads((folder / "config.json").read_text(encoding="utf-8")):
+            raise ValueError(f"Florence-2: {folder}/config.json has an auto_map, i.e. the model needs remote "
+                             "code, which is never run; use a transformers-native conversion (model_type florence2 without "
+                             "auto_map, e.g. florence-community/Florence-2-large)")
         self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
         self.model = Florence2ForConditionalGeneration.from_pretrained(
             folder, local_files_only=True, dtype=dtype).to(device).eval()
@@ -118,7 +122,8 @@ class AestheticScorer:
         return [float(s) for s in self.head(pooled).float().reshape(-1).cpu()]
 
 
-def write_caption(image: Path, text: str, prefix: str = "", suffix: str = "", overwrite: bool = False) -> Optional[Path]:
+def write_caption(image: Path, text: str, prefix: str = "", suffix: str = "",
+                  overwrite: bool = False) -> Optional[Path]:
     """Write `<stem>.txt` beside `image` (prefix, caption, suffix joined with ', '). Returns the
     path, or None when a caption exists and `overwrite` is off."""
     path = Path(image).with_suffix(".txt")
@@ -156,7 +161,8 @@ def write_scores(root, scores: dict[str, float], column: str, overwrite: bool = 
         for row in rows:
             if not isinstance(row, dict):
                 continue
-            rel = os.path.relpath(os.path.normpath(meta.parent / str(row.get("file_name", ""))), root).replace(os.sep, "/")
+            target = os.path.normpath(meta.parent / str(row.get("file_name", "")))
+            rel = os.path.relpath(target, root).replace(os.sep, "/")
             if rel in todo:
                 score = todo.pop(rel)
                 if column in row and not overwrite:

@@ -119,7 +119,8 @@ def dbscan_groups(vectors: np.ndarray, eps: float) -> list[list[int]]:
     """DBSCAN on the whole set at once (the reference the partitioned version is tested against)."""
     if len(vectors) == 0:
         return []
-    return sorted(sorted(int(i) for i in g) for g in _groups(_dbscan(_normalise(vectors), eps), np.arange(len(vectors))))
+    labels = _dbscan(_normalise(vectors), eps)
+    return sorted(sorted(int(i) for i in g) for g in _groups(labels, np.arange(len(vectors))))
 
 
 def iterative_dbscan(vectors: np.ndarray, eps: float, rank: Optional[Sequence] = None,
@@ -196,7 +197,8 @@ def contact_sheet(root, groups: list[list[str]], thumb: int = 96, max_groups: in
     for r, group in enumerate(rows):
         for c, rel in enumerate(group[:max_per_group]):
             x, y = pad + c * (thumb + pad), pad + r * (thumb + pad)
-            sheet.paste((60, 200, 60) if c == 0 else (220, 50, 50), (x - frame, y - frame, x + thumb + frame, y + thumb + frame))
+            colour = (60, 200, 60) if c == 0 else (220, 50, 50)
+            sheet.paste(colour, (x - frame, y - frame, x + thumb + frame, y + thumb + frame))
             sheet.paste((25, 25, 25), (x, y, x + thumb, y + thumb))
             try:
                 img = load_image(Path(root) / rel)
