@@ -61,12 +61,16 @@ def model_folder(kind: str, name: str) -> Path:
                             f"processor files) in one of {folder_paths.get_folder_paths(kind)}")
 
 
-def readable_dataset(path: str) -> Path:
-    """Reads are not confined (README "Safety on a shared server"); a relative name is taken under
-    ComfyUI's input folder, as for the writing nodes."""
+def under_input(path: str) -> Path:
+    """A plain name is a folder in ComfyUI's input folder; an absolute path is itself."""
     folder = Path(path or "")
-    if (path or "").strip() and not folder.is_absolute():
-        folder = Path(folder_paths.get_input_directory()) / folder
+    return folder if folder.is_absolute() else Path(folder_paths.get_input_directory()) / folder
+
+
+def readable_dataset(path: str) -> Path:
+    """Reads are not confined (README "Safety on a shared server"); a plain name is looked up in
+    ComfyUI's input folder, as for the writing nodes."""
+    folder = under_input(path)
     if not (path or "").strip() or not folder.is_dir():
         raise FileNotFoundError(f"dataset_dir {path!r}: not a folder ({folder.resolve()})")
     return folder.resolve()
@@ -92,8 +96,9 @@ def writable_dataset(path: str) -> Path:
 def folder_state(path: str, extra=()) -> str:
     """Changes when any file under `path` changes (size, mtime): the node then runs again."""
     h = hashlib.sha256(repr(extra).encode())
-    if not path or not os.path.isdir(path):
+    if not (path or "").strip() or not under_input(path).is_dir():
         return f"missing:{path}"
+    path = str(under_input(path))
     for d, subdirs, names in os.walk(path):
         subdirs.sort()
         for n in sorted(names):

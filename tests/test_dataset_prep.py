@@ -276,3 +276,14 @@ def test_remote_code_florence_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "florence2", "auto_map": {"AutoConfig": "x.Y"}}))
     with pytest.raises(ValueError, match="needs remote code"):
         Captioner(tmp_path)
+
+
+def test_plain_dataset_name_is_in_the_input_folder(comfy, tmp_path, monkeypatch):
+    import folder_paths
+    from oboro.nodes.dataset_prep import folder_state, readable_dataset, writable_dataset
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path))
+    (tmp_path / "set").mkdir()
+    assert writable_dataset("set") == readable_dataset("set") == (tmp_path / "set").resolve()
+    assert folder_state("set") != "missing:set"
+    with pytest.raises(ValueError, match="leaves"):
+        writable_dataset("../elsewhere")
