@@ -287,3 +287,24 @@ def test_plain_dataset_name_is_in_the_input_folder(comfy, tmp_path, monkeypatch)
     assert folder_state("set") != "missing:set"
     with pytest.raises(ValueError, match="leaves"):
         writable_dataset("../elsewhere")
+
+
+def test_representative_choice(tmp_path):
+    """largest: most pixels, then the larger file; highest score: unscored last; first: path order."""
+    field = np.random.default_rng(0).integers(0, 255, (4, 4, 3), dtype=np.uint8)
+    img = Image.fromarray(field).resize((40, 40), Image.Resampling.BICUBIC)  # smooth: a photo-like image
+    img.save(tmp_path / "a.png")
+    img.resize((80, 80)).save(tmp_path / "b.png")
+    img.save(tmp_path / "c.jpg", quality=50)  # same pixels as a.png, smaller file
+    emb = dedup.embed_folder(tmp_path, dedup.list_images(tmp_path))
+    assert emb.files == ["a.png", "b.png", "c.jpg"]
+
+    def kept(keep, scores=None):
+        groups, _ = dedup.iterative_dbscan(emb.vectors, 0.1, dedup.rank_for(keep, emb, tmp_path, scores))
+        assert len(groups) == 1
+        return emb.files[groups[0][0]]
+    assert kept("largest") == "b.png" and kept("first") == "a.png"
+    assert kept("highest score", {"a.png": 5.0, "c.jpg": 6.5}) == "c.jpg"
+    (tmp_path / "b.png").unlink()
+    emb = dedup.embed_folder(tmp_path, dedup.list_images(tmp_path))
+    assert kept("largest") == "a.png"
