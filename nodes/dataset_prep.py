@@ -266,12 +266,13 @@ class OboroCaptionDataset(io.ComfyNode):
                     img = dedup.load_image(root / rel)
                 except Exception as e:  # noqa: BLE001 - a bad file is a report entry
                     report["skipped"].append({"file": rel, "reason": f"unreadable image: {type(e).__name__}: {e}"})
-                    continue
-                text = captioner(img, task, max_new_tokens, num_beams)
-                if not text:
-                    report["empty"].append(rel)
-                elif write_caption(root / rel, text, prefix, suffix, overwrite):
-                    report["written"] += 1
+                    img = None
+                if img is not None:
+                    text = captioner(img, task, max_new_tokens, num_beams)
+                    if not text:
+                        report["empty"].append(rel)
+                    elif write_caption(root / rel, text, prefix, suffix, overwrite):
+                        report["written"] += 1
                 pbar.update_absolute(i + 1, len(todo))
             del captioner
             mm.soft_empty_cache()

@@ -308,3 +308,29 @@ def test_representative_choice(tmp_path):
     (tmp_path / "b.png").unlink()
     emb = dedup.embed_folder(tmp_path, dedup.list_images(tmp_path))
     assert kept("largest") == "a.png"
+
+
+def test_caption_interrupt_keeps_what_was_written(comfy, prep_models, tmp_path):
+    """Cancel after the second of three images: the first captions stay, whole; no more are written."""
+    from comfy import model_management as mm, utils as comfy_utils  # (binds no `comfy`: that is the fixture)
+    from oboro.runner.embedded import GraphError
+    data = small_set(tmp_path / "set")  # to caption, in order: bad.jpg (skipped), img1.png, img2.png
+    old = comfy_utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        if total == 3 and value >= 2:
+            mm.interrupt_current_processing()
+        old(value, total, preview, prompt_id=prompt_id, node_id=node_id)
+
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(GraphError, match="InterruptProcessingException|interrupted"):
+            comfy.run({"cap": {"class_type": "OboroCaptionDataset", "inputs": {
+                "dataset_dir": str(data), "model": prep_models.florence, "task": "<CAPTION>", "prefix": "",
+                "suffix": "", "overwrite": False, "max_new_tokens": 4, "num_beams": 1}}})
+    finally:
+        comfy_utils.set_progress_bar_global_hook(old)
+        mm.interrupt_current_processing(False)
+    assert sorted(p.name for p in data.glob("*.txt")) == ["img0.txt", "img1.txt"]
+    assert (data / "img1.txt").read_text().endswith("\n")
+    assert not list(data.glob(".*.tmp"))
