@@ -5,6 +5,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .dataset_prep import OboroCaptionDataset, OboroDedupDataset, OboroScoreDataset
 from .loader import OboroModelLoader
 from .mask_control import OboroApplyMaskControl, OboroMaskAdapterLoader
 from .mask_training import OboroTrainMaskAdapter
@@ -20,5 +21,6 @@ class OboroExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [OboroModelLoader, OboroT5Loader, OboroTextEncode,
                 OboroSampler, OboroFlowScheduler, SamplerOboroICFM, EmptyOboroLatentImage, OboroTaylorCache,
+                OboroDedupDataset, OboroCaptionDataset, OboroScoreDataset,
                 OboroCacheLatents, OboroTrainLoRA, OboroTrainFull,
                 OboroMaskAdapterLoader, OboroApplyMaskControl, OboroTrainMaskAdapter]

@@ -17,6 +17,7 @@ from comfy_api.latest import io
 from ..oboro_model.data import OboroDataset, build_cache, default_latent_transform
 from ..oboro_model.data.cache import MANIFEST
 from ..oboro_model.data.dataset import POLICIES
+from ..oboro_model.data.exclusions import read_exclusions
 from .paths import confine
 from .text_encoder import encode_text
 
@@ -118,6 +119,9 @@ class OboroCacheLatents(io.ComfyNode):
                 io.Boolean.Input("alpha_mask", default=False, optional=True,
                                  tooltip="Images without a mask file use their alpha channel as loss mask "
                                          "(transparent = ignore)."),
+                io.String.Input("exclude_list", default="", optional=True,
+                                tooltip="A file of images to skip, one path relative to dataset_dir per line "
+                                        "(OboroDedupDataset's exclude_list). Empty: none."),
             ],
             outputs=[io.String.Output("cache_dir", display_name="cache_dir"),
                      io.String.Output("report", display_name="report")],
@@ -125,11 +129,15 @@ class OboroCacheLatents(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, dataset_dir="", cache_name="", mask_dir="", **kwargs):
-        """Re-run when any file under dataset_dir (or mask_dir) changes or the cache disappears."""
+    def fingerprint_inputs(cls, dataset_dir="", cache_name="", mask_dir="", exclude_list="", **kwargs):
+        """Re-run when any file under dataset_dir (or mask_dir, or the exclusion list) changes or the
+        cache disappears."""
         if not dataset_dir or not os.path.isdir(dataset_dir):
             return f"missing:{dataset_dir}"
         h = hashlib.sha256()
+        if exclude_list and os.path.isfile(exclude_list):
+            st = os.stat(exclude_list)
+            h.update(f"{exclude_list}:{st.st_size}:{st.st_mtime_ns}".encode())
         for d, subdirs, names in (w for root in (dataset_dir, (mask_dir or "").strip()) if root
                                   for w in os.walk(root)):
             subdirs.sort()
@@ -147,15 +155,20 @@ class OboroCacheLatents(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset_dir, vae, clip, policy, size, area, max_tokens, cache_name, score_column="",
-                height=0, seed=0, mask_dir="", alpha_mask=False) -> io.NodeOutput:
+                height=0, seed=0, mask_dir="", alpha_mask=False, exclude_list="") -> io.NodeOutput:
         if vae is None or clip is None:
             raise RuntimeError("connect a VAE and a text encoder (OboroT5Loader)")
         ratio = vae.spacial_compression_encode()
         if policy != "stage2_area" and (size % ratio or (height or size) % ratio):
             raise ValueError(f"{policy}: size {size}x{height or size} must be a multiple of the VAE's "
                              f"downscale factor {ratio}")
+        exclude = None
+        if (exclude_list or "").strip():
+            if not os.path.isfile(exclude_list):
+                raise FileNotFoundError(f"exclude_list {exclude_list!r}: no such file (OboroDedupDataset writes it)")
+            exclude = read_exclusions(exclude_list)
         dataset = OboroDataset(dataset_dir, policy=policy, size=(size, height or size), area=area,
-                               score_column=(score_column or "").strip() or None, seed=seed)
+                               score_column=(score_column or "").strip() or None, seed=seed, exclude=exclude)
         if len(dataset) == 0:
             raise ValueError(f"{dataset_dir}: no usable image-caption pairs; skipped: "
                              + json.dumps(dataset.report[:20], ensure_ascii=False))

@@ -9,7 +9,10 @@ only what makes it CPU-sized changed (model names, 32x32, steps). Nothing is dra
 - mask_text: two held-out masks of the mask evaluation (runner/mask_eval.py), with their captions
   (mask | result); the adapter comes from `--mask-adapter` or a short oboro-mask-eval run;
 - lora_training / full_finetune: a short real training run from the trained demo model; its
-  preview row (3 prompts) above its loss curve, both images the node itself returned.
+  preview row (3 prompts) above its loss curve, both images the node itself returned;
+- dataset_prep: its dedup half (no Florence-2 / SigLIP weights offline) on four demo images plus
+  the four near-duplicate edits of each (runner/near_dups.py): the node's contact sheet. Needs no
+  demo model.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from . import demo
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "example_workflows"
-NAMES = ("oboro_txt2img", "oboro_img2img", "oboro_mask_text", "oboro_lora_training", "oboro_full_finetune")
+NAMES = ("oboro_txt2img", "oboro_img2img", "oboro_mask_text", "oboro_lora_training", "oboro_full_finetune",
+         "oboro_dataset_prep")
 SIZE, TILE = 32, 128  # generation size of the demo; thumbnail tile (nearest-neighbour upscale)
 MASK_PALETTE = ((0, 0, 0), (230, 80, 80), (80, 200, 80), (80, 120, 230))  # the workflow's default palette
 
@@ -187,12 +191,34 @@ def training(r: Runner, name: str, demo_dir: Path) -> Image.Image:
     return sheet
 
 
+def dataset_prep(r: Runner) -> Image.Image:
+    from . import convert
+    from .near_dups import EDITS
+    images = Path(dd.write_dataset(r.work / "demo_data")["dataset_dir"])
+    data = r.work / "dataset_prep"
+    shutil.rmtree(data, ignore_errors=True)
+    (data / "copies").mkdir(parents=True)
+    for combo in [("circle", "red", "white", "center"), ("square", "blue", "black", "left"),
+                  ("triangle", "yellow", "gray", "right"), ("circle", "cyan", "black", "top")]:
+        src = Image.open(images / f"{dd.stem(*combo)}.png").convert("RGB")
+        src.save(data / f"{dd.stem(*combo)}.png")
+        for edit in EDITS:
+            edit(src).save(data / "copies" / f"{dd.stem(*combo)}_{edit.__name__}.png")
+    api = convert.to_api(convert.load(TEMPLATES / "oboro_dataset_prep.json"), convert.local_node_defs())
+    api = {k: v for k, v in api.items() if v["class_type"] in ("OboroDedupDataset", "SaveImage")}
+    next(v for v in api.values() if v["class_type"] == "OboroDedupDataset")["inputs"].update(
+        dataset_dir=str(data), report_name="thumbnail")
+    sheet, = r.images(r.embedded.run(api))
+    return sheet
+
+
 def run(opts) -> int:
     import torch
     torch.set_num_threads(max(1, opts.threads))
     t0, work = time.monotonic(), Path(opts.work).resolve()
     demo_dir = Path(opts.demo).resolve()
-    if not (demo_dir / "models" / "diffusion_models" / f"{demo.TRAINED}.safetensors").is_file():
+    needs_demo = set(opts.only) - {"oboro_dataset_prep"}
+    if needs_demo and not (demo_dir / "models" / "diffusion_models" / f"{demo.TRAINED}.safetensors").is_file():
         log(f"no demo in {demo_dir}: running the offline demo there first")
         if demo.run(demo.parse_args(["--out", str(demo_dir), "--threads", str(opts.threads)])) != 0:
             return 1
@@ -202,7 +228,8 @@ def run(opts) -> int:
     makers = {"oboro_txt2img": lambda: txt2img(r), "oboro_img2img": lambda: img2img(r, demo_dir),
               "oboro_mask_text": lambda: mask_text(r, adapter),
               "oboro_lora_training": lambda: training(r, "oboro_lora_training", demo_dir),
-              "oboro_full_finetune": lambda: training(r, "oboro_full_finetune", demo_dir)}
+              "oboro_full_finetune": lambda: training(r, "oboro_full_finetune", demo_dir),
+              "oboro_dataset_prep": lambda: dataset_prep(r)}
     for name in opts.only:
         log(f"{name}: running the template")
         path = TEMPLATES / f"{name}.jpg"

@@ -49,12 +49,13 @@ class OboroDataset(torch.utils.data.Dataset):
     (file_name + text, optional score column) or a sidecar `<stem>.txt`; every image is decoded
     once at construction and anything unusable is listed in `self.report` ({file, reason})
     instead of failing later. With `score_column`, captions get the paper's quality tag
-    (see sources.QUALITY_TAGS) and images scoring below 4 are dropped (and reported)."""
+    (see sources.QUALITY_TAGS) and images scoring below 4 are dropped (and reported). `exclude`:
+    relative paths skipped and reported (an exclusion list from OboroDedupDataset)."""
 
     def __init__(self, root, policy: str = "stage1_256", size: Union[int, tuple[int, int]] = 256,
                  area: int = 512 * 512, max_aspect: float = 1.3, multiple: int = 64,
                  score_column: Optional[str] = None, seed: int = 0, crop: Optional[str] = None,
-                 area_tolerance: float = AREA_TOLERANCE):
+                 area_tolerance: float = AREA_TOLERANCE, exclude: Optional[set[str]] = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
         crop = crop or DEFAULT_CROP[policy]
@@ -73,7 +74,7 @@ class OboroDataset(torch.utils.data.Dataset):
             self.buckets = [(w, h)]
             self._settings = {"size": [w, h]}
         self.entries: list[Entry]
-        self.entries, self.report = scan(root, self.score_column)
+        self.entries, self.report = scan(root, self.score_column, exclude)
         self.bucket_ids = [self.bucket_index(e.size) for e in self.entries]
 
     def bucket_index(self, size: tuple[int, int]) -> int:

@@ -132,9 +132,11 @@ def parse_score(raw) -> Optional[float]:
     return None if math.isnan(score) else score
 
 
-def scan(root: str | Path, score_column: Optional[str] = None) -> tuple[list[Entry], list[dict]]:
+def scan(root: str | Path, score_column: Optional[str] = None,
+         exclude: Optional[set[str]] = None) -> tuple[list[Entry], list[dict]]:
     """Every image under root (recursive; hidden files and folders are ignored), sorted by path,
     with its caption: a metadata row's text if there is one, else the sidecar `<stem>.txt`.
+    `exclude`: relative paths to skip (an exclusion list, see exclusions.py).
     Returns (entries, report); the report lists each skipped file with the reason."""
     root = Path(os.path.normpath(Path(root).absolute()))
     if not root.is_dir():
@@ -151,6 +153,9 @@ def scan(root: str | Path, score_column: Optional[str] = None) -> tuple[list[Ent
     entries = []
     for rel in sorted(found):
         path, skip = found[rel], lambda reason: report.append({"file": rel, "reason": reason})
+        if exclude and rel in exclude:
+            skip("excluded by the exclusion list (a near-duplicate)")
+            continue
         text, raw_score = meta.get(rel, (None, None))
         sidecar = path.with_suffix(".txt")
         if text is None and sidecar.is_file():
