@@ -168,7 +168,7 @@ def plot(rows, arms, diffs) -> None:
     ax1.legend()
     for j, other in enumerate(x for x in arms if x != "mmh"):
         pts = sorted((st, v) for (o, k, st), v in diffs.items() if o == other and k == "val")
-        xs = [st + (j - 0.5) * 8 for st, _ in pts]
+        xs = [st + (j - 0.5) * 0.08 * pts[0][0] for st, _ in pts]  # side by side
         ax2.errorbar(xs, [v[0] for _, v in pts], yerr=[[v[0] - v[1] for _, v in pts], [v[2] - v[0] for _, v in pts]],
                      fmt="o", capsize=3, color=colours[other], label=f"mmh - {other}")
     ax2.axhline(0, color="gray", lw=1)
