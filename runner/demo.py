@@ -15,7 +15,7 @@ workflows run by oboro-run (runner/cli.py, in this process):
 
 Resolution: the images are cached and generated at 16x16 with patch 2 (64 image tokens of 12 values)
 and logit-normal timestep sampling: in the same 800 steps the model then draws the prompted shape
-for seen captions (77 % vs 30 % at 32x32 patch 4 with uniform t, whose 48-value tokens it fits as
+for seen captions (77 % vs 30 % at 32x32 patch 4 with uniform t, one training seed; 48-value tokens fit as
 blobs); the scorer judges 16 px renders perfectly (bench/demo_recipe.py, README "Offline demo").
 `--size 32` is the earlier recipe; at 64x64 the same model needs 256 tokens, about 4.5x the time per
 step, and its samples stay noise in this time; it is also the fallback while OboroCacheLatents refuses
