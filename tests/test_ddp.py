@@ -102,17 +102,21 @@ def reference(d: Path, training: dict, lora: dict | None = None) -> Trainer:
     """The same run in this process, one rank, with batch_size * 2: what DDP must reproduce."""
     tc = train_config({"training": {**training, "batch_size": 2 * training["batch_size"]}, "_base_dir": str(d)}, None)
     torch.manual_seed(tc.seed)
-    model = build_model("base.safetensors", d)
+    model = build_model("base.safetensors", d, lora.get("base_dtype") if lora else None)
     tr = build_trainer(model, load_cached_dataset(d / "cache"), tc, lora_spec(lora) if lora else None)
     tr.train()
     return tr
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["full", "lora", "lora_bf16_base"])
 def test_two_process_ddp_equals_one_process_global_batch(run_dir, kind):
+    """lora_bf16_base: the frozen base kept in bf16 ([lora] base_dtype) is broadcast and trained
+    on the same way."""
     training = dict(steps=K, batch_size=2, grad_accum=2 if kind == "full" else 1, lr=1e-3, caption_dropout=0.3,
                     spike_warmup=1, seed=4)
-    lora = dict(rank=4, alpha=8.0, dropout=0.0, targets="all") if kind == "lora" else None
+    lora = dict(rank=4, alpha=8.0, dropout=0.0, targets="all") if kind != "full" else None
+    if kind == "lora_bf16_base":
+        lora["base_dtype"] = "bf16"
     log = launch_ddp(write_config(run_dir, kind, training, lora))
     assert "2 process(es) x batch 2" in log and f"step {K}/{K}" in log
 
