@@ -41,7 +41,7 @@ class Server:
         paths = self.root / "extra_model_paths.yaml"
         paths.write_text(f"oboro_browser_test:\n  base_path: {self.models}\n  is_default: true\n"
                          "  diffusion_models: diffusion_models\n  text_encoders: text_encoders\n  vae: vae\n"
-                         "  loras: loras\n")
+                         "  loras: loras\n  aesthetic: aesthetic\n  florence2: florence2\n")
         # A fresh user: skip the first-run template pop-up (the test opens the browser itself) and
         # keep the missing-node/model warnings on whatever the defaults become.
         (self.root / "user/default/comfy.settings.json").write_text(json.dumps({
