@@ -29,8 +29,7 @@ from typing import Optional
 
 import torch
 
-from .lora import (ADAPTER, COMFY_PREFIX, Targets, _unwrap, add_lora, lora_metadata, lora_state_dict,
-                   resolve_targets)
+from .lora import ADAPTER, COMFY_PREFIX, Targets, _unwrap, add_lora, inject_seeded, lora_metadata, lora_state_dict
 from ..atomic import save_safetensors
 
 ADAPTERS = ("lora", "loha", "lokr", "dora")
@@ -50,31 +49,15 @@ def add_adapter(model: torch.nn.Module, kind: str = "lora", rank: int = 16, alph
         add_lora(model, rank, alpha, dropout, targets, seed=seed)
         _unwrap(model).oboro_lora["adapter"] = kind
         return model
-    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
-    if rank < 1:
-        raise ValueError(f"{kind} rank must be >= 1, got {rank}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{kind} dropout must be in [0, 1), got {dropout}")
-    alpha = float(rank if alpha is None else alpha)
-    base = _unwrap(model)
-    if getattr(base, "peft_config", None):
-        raise ValueError("the model already has an adapter; start from the base model")
-    modules = resolve_targets(base, targets)
-    if kind == "dora":
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
-                            use_dora=True)
-    elif kind == "loha":
-        config = LoHaConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=modules)
-    else:
-        config = LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=modules)
-    cuda = sorted({p.device.index or 0 for p in base.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        inject_adapter_in_model(config, base, adapter_name=ADAPTER)
-    base.oboro_lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "adapter": kind,
-                       "targets": targets if isinstance(targets, str) else list(targets), "modules": modules}
-    return model
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    def config(modules, alpha):
+        if kind == "dora":
+            return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
+                              use_dora=True)
+        make = LoHaConfig if kind == "loha" else LoKrConfig
+        return make(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=modules)
+    return inject_seeded(model, config, rank, alpha, dropout, targets, seed, kind, adapter=kind)
 
 
 def _layers(model: torch.nn.Module, attr: str) -> dict[str, torch.nn.Module]:

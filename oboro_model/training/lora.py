@@ -81,26 +81,36 @@ def add_lora(model: torch.nn.Module, rank: int = 16, alpha: Optional[float] = No
     the model is unchanged until trained. The settings are kept as `model.oboro_lora`. With `seed`,
     peft's random init of A draws from that seed (CPU and the model's CUDA devices, global RNG state
     restored after), not from whatever the global RNG holds: the same run seed is the same LoRA."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
+
+    def config(modules, alpha):
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
+                          init_lora_weights=init)
+    return inject_seeded(model, config, rank, alpha, dropout, targets, seed, "LoRA")
+
+
+def inject_seeded(model: torch.nn.Module, make_config, rank: int, alpha: Optional[float], dropout: float,
+                  targets: Targets, seed: Optional[int], kind: str, **record) -> torch.nn.Module:
+    """What every adapter kind shares: checked settings, resolved targets, peft's injection with its
+    random init drawn from `seed` (global RNG restored after; None: from the global RNG), and the
+    `model.oboro_lora` record (plus `record`). make_config(modules, alpha) -> the peft config."""
+    from peft import inject_adapter_in_model
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        raise ValueError(f"{kind} rank must be >= 1, got {rank}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        raise ValueError(f"{kind} dropout must be in [0, 1), got {dropout}")
     alpha = float(rank if alpha is None else alpha)
     base = _unwrap(model)
     if getattr(base, "peft_config", None):
-        raise ValueError("the model already has a LoRA adapter; merge_lora() it or start from the base model")
+        raise ValueError(f"the model already has a {kind} adapter; merge_lora() it or start from the base model")
     modules = resolve_targets(base, targets)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
-                        init_lora_weights=init)
-    if seed is None:
-        inject_adapter_in_model(config, base, adapter_name=ADAPTER)
-    else:
-        cuda = sorted({p.device.index or 0 for p in base.parameters() if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=cuda):
+    config = make_config(modules, alpha)
+    cuda = sorted({p.device.index or 0 for p in base.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+        if seed is not None:
             torch.manual_seed(seed)
-            inject_adapter_in_model(config, base, adapter_name=ADAPTER)
-    base.oboro_lora = {"rank": rank, "alpha": alpha, "dropout": dropout,
+        inject_adapter_in_model(config, base, adapter_name=ADAPTER)
+    base.oboro_lora = {"rank": rank, "alpha": alpha, "dropout": dropout, **record,
                        "targets": targets if isinstance(targets, str) else list(targets), "modules": modules}
     return model
 
