@@ -21,9 +21,10 @@ Measured per (seed, arm): held-out validation loss (I-CFM MSE on the 45 images o
 held-out prompts x 2 sampler seeds, euler 20 steps, CFG 3, scored by demo_data.score_image).
 Results are appended to --results (JSON lines) as each run ends, so the script resumes and can be
 stopped at any time; --report reads them, prints per-arm means, the paired mean differences
-(mmh - other) with 95 % t-intervals (scipy.stats.t) and the verdict, and draws --plot.
+(mmh - other) with 95 % t-intervals (scipy.stats.t) and the verdicts (final val loss, held-out
+composition), and draws --plot.
 
-    .venv/bin/python bench/ablation_heads.py --seeds 0-4 --steps 800          # train (resumable)
+    .venv/bin/python bench/ablation_heads.py --seeds 0-4 --points 6           # train (resumable)
     .venv/bin/python bench/ablation_heads.py --report --plot docs/ablation_heads.png
 """
 import argparse
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--seeds", default="0-4", help="training seeds, e.g. 0-4 or 0,3 (default %(default)s)")
 p.add_argument("--arms", default=",".join(ARMS))
-p.add_argument("--steps", type=int, default=800, help="training steps per run (the demo's 800)")
+p.add_argument("--steps", type=int, default=1200, help="training steps per run (the demo's 1200)")
 p.add_argument("--points", type=int, default=4, help="validation-loss points along training")
 p.add_argument("--gen-seeds", type=int, default=2, help="sampler seeds per held-out prompt")
 p.add_argument("--threads", type=int, default=1)
@@ -106,6 +107,19 @@ def ci95(diffs: list[float]) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
+def verdict(m: float, lo: float, hi: float, n: int, other: str, better: str) -> str:
+    """What the paired mmh - other interval says; for val loss, negative means mmh is better."""
+    if n < 2:
+        return "not enough seeds for an interval"
+    mmh_first = (hi < 0) if better == "lower" else (lo > 0)
+    other_first = (lo > 0) if better == "lower" else (hi < 0)
+    if mmh_first:
+        return f"mmh significantly better than {other} (95 % CI excludes 0)"
+    if other_first:
+        return f"{other} significantly better than mmh (95 % CI excludes 0)"
+    return f"no significant difference between mmh and {other} (95 % CI includes 0)"
+
+
 def report() -> None:
     rows = [json.loads(line) for line in Path(a.results).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["steps"] == a.steps]
@@ -136,16 +150,9 @@ def report() -> None:
             m, lo, hi = ci95([metrics[k](by[(s, "mmh")], 0) - metrics[k](by[(s, other)], 0) for s in seeds])
             out[(other, k, None)] = (m, lo, hi)
             print(f"  held-out {k:5s}: {m:+.1%}  95% CI [{lo:+.1%}, {hi:+.1%}]")
-        m, lo, hi = out[(other, "val", steps[-1])]
-        if len(seeds) < 2:
-            verdict = "not enough seeds for an interval"
-        elif hi < 0:
-            verdict = f"mmh has a significantly lower final held-out val loss than {other}"
-        elif lo > 0:
-            verdict = f"{other} has a significantly lower final held-out val loss than mmh"
-        else:
-            verdict = f"no significant difference in final held-out val loss between mmh and {other}"
-        print(f"  verdict: {verdict} (95 % CI of the paired difference {'excludes' if lo > 0 or hi < 0 else 'includes'} 0)")
+        for what, key, better in (("final held-out val loss", (other, "val", steps[-1]), "lower"),
+                                  ("held-out images fully right", (other, "all", None), "higher")):
+            print(f"  verdict, {what}: {verdict(*out[key], len(seeds), other, better)}")
     if a.plot:
         plot(rows, arms, out)
 

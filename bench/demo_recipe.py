@@ -25,24 +25,33 @@ p.add_argument("--batch", type=int, default=32)
 p.add_argument("--lr", type=float, default=3e-3)
 p.add_argument("--warmup", type=int, default=30)
 p.add_argument("--t-sampling", default="uniform")
+p.add_argument("--t-mean", type=float, default=0.0, help="logit_normal: sigmoid(N(t_mean, t_std)); t = 1 is data")
+p.add_argument("--t-std", type=float, default=1.0)
 p.add_argument("--caption-dropout", type=float, default=0.1)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--sampler", action="append", default=[], help="solver:steps:cfg[:shift] (repeatable)")
 p.add_argument("--seen-count", type=int, default=15, help="seen training captions scored (evenly spaced)")
+p.add_argument("--ema", type=float, default=0.0, help="EMA decay (0: off); samples and val use the EMA weights")
+p.add_argument("--ema-start", type=int, default=0)
+p.add_argument("--t5-layers", type=int, default=None, help="the demo T5's depth (default: runner/demo.T5_CONFIG)")
+p.add_argument("--t5-context-free", action="store_true", help="zero the T5's attention outputs (no token mixing)")
 p.add_argument("--tag", default="")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
-task = Task(a.size)
+task = Task(a.size, a.t5_layers, a.t5_context_free)
 cfg = model_config(dict(patch_size=a.patch, hidden_size=a.hidden, depth=a.depth,
                         heads=tuple(int(h) for h in a.heads.split(",")), mlp_hidden=a.mlp, adaln_dim=a.hidden))
 net = MMHDiT(cfg).initialize_weights(generator=torch.Generator().manual_seed(a.seed))
 tc = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup=min(a.warmup, a.steps // 10), schedule="cosine",
-                 precision="no", caption_dropout=a.caption_dropout, t_sampling=a.t_sampling, seed=a.seed)
+                 precision="no", caption_dropout=a.caption_dropout, t_sampling=a.t_sampling, t_mean=a.t_mean, t_std=a.t_std, seed=a.seed,
+                 ema_decay=a.ema or None, ema_start=a.ema_start)
 trainer = Trainer(net, task.train, tc, empty_text=task.empty_text, empty_mask=task.empty_mask)
 t0 = time.perf_counter()
 losses = trainer.train()
 train_s = time.perf_counter() - t0
+if trainer.ema is not None:  # score what the demo exports: the EMA weights
+    trainer.ema.applied(trainer.params).__enter__()
 seen = task.train[::max(1, len(task.train) // a.seen_count)][:a.seen_count]
 base = {"tag": a.tag, **{k: v for k, v in vars(a).items() if k not in ("sampler", "tag")},
         "params": sum(q.numel() for q in net.parameters()), "train_s": round(train_s, 1),

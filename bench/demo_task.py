@@ -29,13 +29,16 @@ from oboro.samplers import prepare_noise, sample  # noqa: E402
 MAX_TOKENS = 64
 
 
-def text_encoder():
+def text_encoder(t5_layers: int | None = None, context_free: bool = False):
     import transformers
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
     transformers.logging.set_verbosity_error()
     tok = T5TokenizerFast.from_pretrained(str(oboro_env.comfy_path() / "comfy" / "text_encoders" / "t5_tokenizer"))
     torch.manual_seed(0)  # as runner/demo.write_models: the demo's T5 weights
-    t5 = T5EncoderModel(T5Config(**T5_CONFIG)).eval()
+    t5 = T5EncoderModel(T5Config(**{**T5_CONFIG, **({"num_layers": t5_layers} if t5_layers else {})})).eval()
+    if context_free:  # no attention output: each token's state depends on its own word only
+        for block in t5.encoder.block:
+            torch.nn.init.zeros_(block.layer[0].SelfAttention.o.weight)
 
     @torch.no_grad()
     def encode(text: str):
@@ -54,8 +57,8 @@ def pixels(combo, size: int) -> torch.Tensor:
 class Task:
     """Train / held-out / control items at one size, plus the empty-prompt embedding."""
 
-    def __init__(self, size: int):
-        encode = text_encoder()
+    def __init__(self, size: int, t5_layers: int | None = None, t5_context_free: bool = False):
+        encode = text_encoder(t5_layers, t5_context_free)
         self.size = size
 
         def items(combos):
