@@ -11,9 +11,10 @@ of each block's attention into heads (and the RoPE split that follows the head d
 one parameter difference: QK-norm's RMSNorm gain has head_dim entries (printed).
 
 Arms (hidden 128, depth 4, patch 2 at 16x16 px):
-  mmh       2/4/4/8 heads (head dims 64/32/32/16): the demo's schedule
-  uniform   4/4/4/4 (head dim 32 everywhere: the schedule's geometric mean and median)
+  mmh       2/4/4/8 heads (head dims 64/32/32/16): a 4x growth, the demo's first schedule
+  uniform   4/4/4/4 (head dim 32 everywhere: mmh's geometric mean and median)
   reversed  8/4/4/2 (many narrow heads early, few wide late): tests the global-to-local reasoning
+  mild      4/4/8/8 (head dims 32/32/16/16): a 2x growth, the demo's schedule now
 
 Measured per (seed, arm): held-out validation loss (I-CFM MSE on the 45 images of the 3 held-out
 (shape, colour) pairs, t on a fixed grid of 8, one fixed noise draw shared by every run) at
@@ -21,7 +22,7 @@ Measured per (seed, arm): held-out validation loss (I-CFM MSE on the 45 images o
 held-out prompts x 2 sampler seeds, euler 20 steps, CFG 3, scored by demo_data.score_image).
 Results are appended to --results (JSON lines) as each run ends, so the script resumes and can be
 stopped at any time; --report reads them, prints per-arm means, the paired mean differences
-(mmh - other) with 95 % t-intervals (scipy.stats.t) and the verdicts (final val loss, held-out
+(--base, default mmh, minus each other arm) with 95 % t-intervals (scipy.stats.t) and the verdicts (final val loss, held-out
 composition), and draws --plot.
 
     .venv/bin/python bench/ablation_heads.py --seeds 0-4 --points 6           # train (resumable)
@@ -33,12 +34,13 @@ import statistics
 import time
 from pathlib import Path
 
-ARMS = {"mmh": (2, 4, 4, 8), "uniform": (4, 4, 4, 4), "reversed": (8, 4, 4, 2)}
+ARMS = {"mmh": (2, 4, 4, 8), "uniform": (4, 4, 4, 4), "reversed": (8, 4, 4, 2), "mild": (4, 4, 8, 8)}
 REPO = Path(__file__).resolve().parents[1]
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--seeds", default="0-4", help="training seeds, e.g. 0-4 or 0,3 (default %(default)s)")
 p.add_argument("--arms", default=",".join(ARMS))
+p.add_argument("--base", default="mmh", choices=list(ARMS), help="--report: the arm every other is paired against")
 p.add_argument("--steps", type=int, default=1200, help="training steps per run (the demo's 1200)")
 p.add_argument("--points", type=int, default=4, help="validation-loss points along training")
 p.add_argument("--gen-seeds", type=int, default=2, help="sampler seeds per held-out prompt")
@@ -107,17 +109,17 @@ def ci95(diffs: list[float]) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
-def verdict(m: float, lo: float, hi: float, n: int, other: str, better: str) -> str:
-    """What the paired mmh - other interval says; for val loss, negative means mmh is better."""
+def verdict(m: float, lo: float, hi: float, n: int, base: str, other: str, better: str) -> str:
+    """What the paired base - other interval says; for val loss, negative means base is better."""
     if n < 2:
         return "not enough seeds for an interval"
-    mmh_first = (hi < 0) if better == "lower" else (lo > 0)
+    base_first = (hi < 0) if better == "lower" else (lo > 0)
     other_first = (lo > 0) if better == "lower" else (hi < 0)
-    if mmh_first:
-        return f"mmh significantly better than {other} (95 % CI excludes 0)"
+    if base_first:
+        return f"{base} significantly better than {other} (95 % CI excludes 0)"
     if other_first:
-        return f"{other} significantly better than mmh (95 % CI excludes 0)"
-    return f"no significant difference between mmh and {other} (95 % CI includes 0)"
+        return f"{other} significantly better than {base} (95 % CI excludes 0)"
+    return f"no significant difference between {base} and {other} (95 % CI includes 0)"
 
 
 def report() -> None:
@@ -135,24 +137,25 @@ def report() -> None:
     metrics = {"val": lambda r, i: r["val_curve"][i][1], "all": lambda r, i: r["held"]["all"],
                "shape": lambda r, i: r["held"]["shape"]}
     out = {}
-    for other in [x for x in arms if x != "mmh"]:
-        seeds = sorted(s for s, arm in by if arm == "mmh" and (s, other) in by)
+    base = a.base
+    for other in [x for x in arms if x != base]:
+        seeds = sorted(s for s, arm in by if arm == base and (s, other) in by)
         if not seeds:
             continue
-        print(f"\nmmh - {other}, paired over {len(seeds)} training seeds {seeds} (negative val = mmh better; "
-              "positive scores = mmh better):")
-        steps = [s for s, _ in by[(seeds[0], "mmh")]["val_curve"]]
+        print(f"\n{base} - {other}, paired over {len(seeds)} training seeds {seeds} (negative val = {base} better; "
+              f"positive scores = {base} better):")
+        steps = [s for s, _ in by[(seeds[0], base)]["val_curve"]]
         for i, st in enumerate(steps):
-            m, lo, hi = ci95([metrics["val"](by[(s, "mmh")], i) - metrics["val"](by[(s, other)], i) for s in seeds])
+            m, lo, hi = ci95([metrics["val"](by[(s, base)], i) - metrics["val"](by[(s, other)], i) for s in seeds])
             out[(other, "val", st)] = (m, lo, hi)
             print(f"  val loss @ {st:4d}: {m:+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]")
         for k in ("all", "shape"):
-            m, lo, hi = ci95([metrics[k](by[(s, "mmh")], 0) - metrics[k](by[(s, other)], 0) for s in seeds])
+            m, lo, hi = ci95([metrics[k](by[(s, base)], 0) - metrics[k](by[(s, other)], 0) for s in seeds])
             out[(other, k, None)] = (m, lo, hi)
             print(f"  held-out {k:5s}: {m:+.1%}  95% CI [{lo:+.1%}, {hi:+.1%}]")
         for what, key, better in (("final held-out val loss", (other, "val", steps[-1]), "lower"),
                                   ("held-out images fully right", (other, "all", None), "higher")):
-            print(f"  verdict, {what}: {verdict(*out[key], len(seeds), other, better)}")
+            print(f"  verdict, {what}: {verdict(*out[key], len(seeds), base, other, better)}")
     if a.plot:
         plot(rows, arms, out)
 
@@ -161,8 +164,8 @@ def plot(rows, arms, diffs) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    colours = {"mmh": "tab:blue", "uniform": "tab:orange", "reversed": "tab:green"}
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 3.8))
+    colours = {"mmh": "tab:blue", "uniform": "tab:orange", "reversed": "tab:green", "mild": "tab:purple"}
     for arm in arms:
         rs = [r for r in rows if r["arm"] == arm]
         steps = [s for s, _ in rs[0]["val_curve"]]
@@ -173,14 +176,25 @@ def plot(rows, arms, diffs) -> None:
     ax1.set(xlabel="training step", ylabel="held-out val loss (I-CFM MSE)", yscale="log",
             title=f"learning curves ({len({r['seed'] for r in rows})} seeds; thin: each seed)")
     ax1.legend()
-    for j, other in enumerate(x for x in arms if x != "mmh"):
+    others = [x for x in arms if x != a.base]
+    for j, other in enumerate(others):
         pts = sorted((st, v) for (o, k, st), v in diffs.items() if o == other and k == "val")
-        xs = [st + (j - 0.5) * 0.08 * pts[0][0] for st, _ in pts]  # side by side
+        xs = [st + (j - (len(others) - 1) / 2) * 0.08 * pts[0][0] for st, _ in pts]  # side by side
         ax2.errorbar(xs, [v[0] for _, v in pts], yerr=[[v[0] - v[1] for _, v in pts], [v[2] - v[0] for _, v in pts]],
-                     fmt="o", capsize=3, color=colours[other], label=f"mmh - {other}")
+                     fmt="o", capsize=3, color=colours[other], label=f"{a.base} - {other}")
     ax2.axhline(0, color="gray", lw=1)
-    ax2.set(xlabel="training step", ylabel="paired val-loss difference", title="mmh minus other, mean and 95 % CI")
+    ax2.set(xlabel="training step", ylabel="paired val-loss difference", title=f"{a.base} minus other, mean and 95 % CI")
     ax2.legend()
+    seeds = sorted({r["seed"] for r in rows})
+    score = {(r["seed"], r["arm"]): r["held"]["all"] for r in rows}
+    for seed in seeds:  # one line per training seed: the pairing
+        ax3.plot(range(len(arms)), [score.get((seed, arm), float("nan")) for arm in arms], color="gray", alpha=0.4, lw=1)
+    for i, arm in enumerate(arms):
+        ys = [score[(s, arm)] for s in seeds if (s, arm) in score]
+        ax3.scatter([i] * len(ys), ys, color=colours[arm], zorder=3)
+        ax3.plot([i - 0.2, i + 0.2], [statistics.fmean(ys)] * 2, color=colours[arm], lw=3)
+    ax3.set_xticks(range(len(arms)), arms)
+    ax3.set(ylabel="held-out images fully right", title="composition (dots: seeds; bar: mean)")
     fig.tight_layout()
     fig.savefig(a.plot, dpi=110)
     print(f"plot: {a.plot}")

@@ -15,9 +15,10 @@ workflows run by oboro-run (runner/cli.py, in this process):
 
 Recipe (bench/demo_recipe.py, README "Offline demo"): the images are cached and generated at 16x16 with
 patch 2 (64 image tokens of 12 values; 48-value tokens at 32x32 patch 4 fit as blobs), logit-normal
-timestep sampling, and 1200 steps, not 800: the extra steps take the prompted shape on seen captions
-from ~83 % to ~98 % and held-out composition from ~46 % to ~62 % (two training seeds each); the scorer
-judges 16 px renders perfectly.
+timestep sampling, 1200 steps, not 800 (seen-caption shapes ~83 % -> ~98 %, held-out composition ~46 %
+-> ~62 %, two training seeds each), and heads 4/4/8/8 rather than 2/4/4/8 (held-out composition ~62 %
+-> ~76 %; bench/ablation_heads.py: uniform heads compose best, so the demo's heads grow gently); the
+scorer judges 16 px renders perfectly.
 `--size 32` is the earlier recipe; at 64x64 the same model needs 256 tokens, about 4.5x the time per
 step, and its samples stay noise in this time; it is also the fallback while OboroCacheLatents refuses
 the smaller size.
@@ -47,7 +48,7 @@ INIT, TRAINED, T5_FILE = "oboro-demo-init.safetensors", "oboro-demo", "oboro-dem
 T5_CONFIG = dict(vocab_size=32128, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2,
                  feed_forward_proj="gated-gelu")
 SETUPS = {  # training/generation size -> model, batch size, peak LR, timestep sampling (README "Offline demo")
-    16: dict(model=dict(patch_size=2, hidden_size=128, depth=4, heads=(2, 4, 4, 8), mlp_hidden=256, adaln_dim=128),
+    16: dict(model=dict(patch_size=2, hidden_size=128, depth=4, heads=(4, 4, 8, 8), mlp_hidden=256, adaln_dim=128),
              batch_size=32, lr=3e-3, t_sampling="logit_normal"),
     32: dict(model=dict(patch_size=4, hidden_size=128, depth=4, heads=(2, 4, 4, 8), mlp_hidden=256, adaln_dim=128),
              batch_size=32, lr=3e-3, t_sampling="uniform"),
