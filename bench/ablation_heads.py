@@ -22,8 +22,8 @@ Measured per (seed, arm): held-out validation loss (I-CFM MSE on the 45 images o
 held-out prompts x 2 sampler seeds, euler 20 steps, CFG 3, scored by demo_data.score_image).
 Results are appended to --results (JSON lines) as each run ends, so the script resumes and can be
 stopped at any time; --report reads them, prints per-arm means, the paired mean differences
-(--base, default mmh, minus each other arm) with 95 % t-intervals (scipy.stats.t) and the verdicts (final val loss, held-out
-composition), and draws --plot.
+(--base, default mmh, minus each other arm) with 95 % t-intervals (scipy.stats.t) and the
+verdicts (final val loss, held-out composition), and draws --plot.
 
     .venv/bin/python bench/ablation_heads.py --seeds 0-4 --points 6           # train (resumable)
     .venv/bin/python bench/ablation_heads.py --report --plot docs/ablation_heads.png
@@ -109,7 +109,7 @@ def ci95(diffs: list[float]) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
-def verdict(m: float, lo: float, hi: float, n: int, base: str, other: str, better: str) -> str:
+def verdict(lo: float, hi: float, n: int, base: str, other: str, better: str) -> str:
     """What the paired base - other interval says; for val loss, negative means base is better."""
     if n < 2:
         return "not enough seeds for an interval"
@@ -155,7 +155,7 @@ def report() -> None:
             print(f"  held-out {k:5s}: {m:+.1%}  95% CI [{lo:+.1%}, {hi:+.1%}]")
         for what, key, better in (("final held-out val loss", (other, "val", steps[-1]), "lower"),
                                   ("held-out images fully right", (other, "all", None), "higher")):
-            print(f"  verdict, {what}: {verdict(*out[key], len(seeds), base, other, better)}")
+            print(f"  verdict, {what}: {verdict(*out[key][1:], len(seeds), base, other, better)}")
     if a.plot:
         plot(rows, arms, out)
 

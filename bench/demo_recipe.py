@@ -6,6 +6,7 @@ the real demo (scripts/oboro-demo, which trains through the shipped workflow). P
         --sampler euler:20:3.0 --sampler heun:10:3.0
 """
 import argparse
+import contextlib
 import json
 import time
 
@@ -50,17 +51,19 @@ trainer = Trainer(net, task.train, tc, empty_text=task.empty_text, empty_mask=ta
 t0 = time.perf_counter()
 losses = trainer.train()
 train_s = time.perf_counter() - t0
-if trainer.ema is not None:  # score what the demo exports: the EMA weights
-    trainer.ema.applied(trainer.params).__enter__()
-seen = task.train[::max(1, len(task.train) // a.seen_count)][:a.seen_count]
-base = {"tag": a.tag, **{k: v for k, v in vars(a).items() if k not in ("sampler", "tag")},
-        "params": sum(q.numel() for q in net.parameters()), "train_s": round(train_s, 1),
-        "loss_end": round(sum(losses[-20:]) / 20, 4), "val": round(task.val_loss(net), 4)}
-for spec in a.sampler or ["euler:20:3.0"]:
-    solver, steps, g, *shift = spec.split(":")
-    t0 = time.perf_counter()
-    kw = dict(steps=int(steps), cfg=float(g), solver=solver, shift=float(shift[0]) if shift else 1.0)
-    h, s = task.scores(net, task.held, **kw), task.scores(net, seen, **kw)
-    print(json.dumps({**base, "sampler": spec, "gen_s": round(time.perf_counter() - t0, 1),
-                      "held": {k: h[k] for k in ("colour", "background", "position", "shape", "all")},
-                      "seen": {k: s[k] for k in ("colour", "background", "position", "shape", "all")}}), flush=True)
+scoring = contextlib.ExitStack()
+if trainer.ema is not None:  # score what training would export: the EMA weights
+    scoring.enter_context(trainer.ema.applied(trainer.params))
+with scoring:
+    seen = task.train[::max(1, len(task.train) // a.seen_count)][:a.seen_count]
+    base = {"tag": a.tag, **{k: v for k, v in vars(a).items() if k not in ("sampler", "tag")},
+            "params": sum(q.numel() for q in net.parameters()), "train_s": round(train_s, 1),
+            "loss_end": round(sum(losses[-20:]) / 20, 4), "val": round(task.val_loss(net), 4)}
+    for spec in a.sampler or ["euler:20:3.0"]:
+        solver, steps, g, *shift = spec.split(":")
+        t0 = time.perf_counter()
+        kw = dict(steps=int(steps), cfg=float(g), solver=solver, shift=float(shift[0]) if shift else 1.0)
+        h, s = task.scores(net, task.held, **kw), task.scores(net, seen, **kw)
+        print(json.dumps({**base, "sampler": spec, "gen_s": round(time.perf_counter() - t0, 1),
+                          "held": {k: h[k] for k in ("colour", "background", "position", "shape", "all")},
+                          "seen": {k: s[k] for k in ("colour", "background", "position", "shape", "all")}}), flush=True)
