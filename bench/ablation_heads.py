@@ -1,5 +1,6 @@
 """Ablation: MMH's progressive head schedule vs uniform heads vs the reversed schedule, on the offline
-demo's task and recipe (runner/demo.py SETUPS[16]), over several training seeds, with paired statistics.
+demo's task and recipe (runner/demo.py SETUPS[16], without its extra-colour augmentation, at 1200 steps:
+the recipe when the recorded runs were made), over several training seeds, with paired statistics.
 
 Why: oboro's defining claim is a head count growing with depth (few wide heads early for global
 layout, many narrow heads late for local detail) learning better from limited data. One training

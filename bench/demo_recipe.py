@@ -37,17 +37,20 @@ p.add_argument("--ema", type=float, default=0.0, help="EMA decay (0: off); sampl
 p.add_argument("--ema-start", type=int, default=0)
 p.add_argument("--t5-layers", type=int, default=None, help="the demo T5's depth (default: runner/demo.T5_CONFIG)")
 p.add_argument("--t5-context-free", action="store_true", help="zero the T5's attention outputs (no token mixing)")
+p.add_argument("--omit", default="", help="caption augmentation: also train each image under a caption without "
+               "these words (comma-separated: colour, shape)")
+p.add_argument("--extra-colours", type=int, default=0, help="augmentation: train every shape in this many extra colours")
 p.add_argument("--tag", default="")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
-task = Task(a.size, a.t5_layers, a.t5_context_free)
+task = Task(a.size, a.t5_layers, a.t5_context_free, tuple(filter(None, a.omit.split(","))), a.extra_colours)
 cfg = model_config(dict(patch_size=a.patch, hidden_size=a.hidden, depth=a.depth,
                         heads=tuple(int(h) for h in a.heads.split(",")), mlp_hidden=a.mlp, adaln_dim=a.hidden))
 net = MMHDiT(cfg).initialize_weights(generator=torch.Generator().manual_seed(a.seed))
 tc = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup=min(a.warmup, a.steps // 10), schedule="cosine",
                  precision="no", caption_dropout=a.caption_dropout, t_sampling=a.t_sampling, t_mean=a.t_mean, t_std=a.t_std, seed=a.seed,
                  ema_decay=a.ema or None, ema_start=a.ema_start)
-trainer = Trainer(net, task.train, tc, empty_text=task.empty_text, empty_mask=task.empty_mask)
+trainer = Trainer(net, task.train + task.extra, tc, empty_text=task.empty_text, empty_mask=task.empty_mask)
 t0 = time.perf_counter()
 losses = trainer.train()
 train_s = time.perf_counter() - t0

@@ -57,17 +57,20 @@ def pixels(combo, size: int) -> torch.Tensor:
 class Task:
     """Train / held-out / control items at one size, plus the empty-prompt embedding."""
 
-    def __init__(self, size: int, t5_layers: int | None = None, t5_context_free: bool = False):
+    def __init__(self, size: int, t5_layers: int | None = None, t5_context_free: bool = False, omit: tuple = (),
+                 extra_colours: int = 0):
         encode = text_encoder(t5_layers, t5_context_free)
         self.size = size
 
-        def items(combos):
+        def items(combos, omit=""):
             out = []
             for combo in combos:
-                h, m = encode(dd.caption(*combo))
+                h, m = encode(dd.caption(*combo, omit=omit))
                 out.append({"latent": pixels(combo, size), "text": h, "text_mask": m, "combo": combo})
             return out
         self.train, self.held = items(dd.combinations("train")), items(dd.combinations("heldout"))
+        self.extra = [it for o in omit for it in items(dd.combinations("train"), o)]  # caption augmentation
+        self.extra += items([c for c in dd.combinations("train", extra_colours) if c[1] in dd.EXTRA_COLOURS])
         self.control = [it for it in self.train if it["combo"] in CONTROL]
         assert not {dd.caption(*i["combo"]) for i in self.train} & {dd.caption(*i["combo"]) for i in self.held}
         self.empty_text, self.empty_mask = encode("")

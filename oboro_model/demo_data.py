@@ -24,6 +24,9 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "square", "triangle")           # mask labels 1, 2, 3
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
            "yellow": (235, 205, 30), "magenta": (200, 40, 190), "cyan": (40, 200, 215)}
+# Augmentation (write_dataset's extra_colours; never prompted, never scored): colours drawn in every
+# shape, so that the training set no longer says a colour word predicts a shape.
+EXTRA_COLOURS = {"orange": (245, 130, 20), "purple": (110, 40, 160), "brown": (125, 75, 35)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
              "center": (0.5, 0.5)}                  # shape centre as a fraction of (x, y)
@@ -35,18 +38,22 @@ MASK_PALETTE = [0, 0, 0, 230, 80, 80, 80, 200, 80, 80, 120, 230]  # label colour
 SUPERSAMPLE = 4
 
 
-def caption(shape: str, colour: str, background: str, position: str) -> str:
-    return f"a {colour} {shape} on a {background} background, {position}"
+def caption(shape: str, colour: str, background: str, position: str, omit: str = "") -> str:
+    """`omit` "colour" or "shape" leaves that word out ("a circle on ...", "a red shape on ...")."""
+    what = {"": f"{colour} {shape}", "colour": shape, "shape": f"{colour} shape"}[omit]
+    return f"a {what} on a {background} background, {position}"
 
 
 def stem(shape: str, colour: str, background: str, position: str) -> str:
     return f"{colour}_{shape}_{background}_{position}"
 
 
-def combinations(split: str = "train") -> list[tuple[str, str, str, str]]:
-    """(shape, colour, background, position) of one split, in a fixed order."""
+def combinations(split: str = "train", extra_colours: int = 0) -> list[tuple[str, str, str, str]]:
+    """(shape, colour, background, position) of one split, in a fixed order; "train" with
+    extra_colours > 0 also has every shape in the first extra_colours of EXTRA_COLOURS."""
     held = set(HELD_OUT)
-    return [(s, c, b, p) for s in SHAPES for c in COLOURS for b in BACKGROUNDS for p in POSITIONS
+    colours = list(COLOURS) + (list(EXTRA_COLOURS)[:extra_colours] if split == "train" else [])
+    return [(s, c, b, p) for s in SHAPES for c in colours for b in BACKGROUNDS for p in POSITIONS
             if ((s, c) in held) == (split == "heldout")]
 
 
@@ -74,7 +81,7 @@ def render(shape: str, colour: str, background: str, position: str, size: int = 
     """(RGB image with anti-aliased edges, palette mask with labels 0 background / 1.. shape)."""
     n = size * SUPERSAMPLE
     img = Image.new("RGB", (n, n), BACKGROUNDS[background])
-    img.paste(Image.new("RGB", (n, n), COLOURS[colour]), mask=shape_mask(shape, position, size, SUPERSAMPLE))
+    img.paste(Image.new("RGB", (n, n), {**COLOURS, **EXTRA_COLOURS}[colour]), mask=shape_mask(shape, position, size, SUPERSAMPLE))
     img = img.resize((size, size), Image.Resampling.BOX)
     inside = np.asarray(shape_mask(shape, position, size)) > 127
     mask = Image.fromarray((inside * (SHAPES.index(shape) + 1)).astype(np.uint8), "P")
@@ -82,15 +89,16 @@ def render(shape: str, colour: str, background: str, position: str, size: int = 
     return img, mask
 
 
-def write_dataset(root, size: int = 64) -> dict:
-    """Write both splits under root (see the module docstring); returns a summary."""
+def write_dataset(root, size: int = 64, extra_colours: int = 0) -> dict:
+    """Write both splits under root (see the module docstring); returns a summary. extra_colours:
+    the augmentation of EXTRA_COLOURS (45 more training images per colour)."""
     root = Path(root)
     rows = []
     for split, img_dir, mask_dir in (("train", root / "images", root / "masks"),
                                      ("heldout", root / "heldout" / "images", root / "heldout" / "masks")):
         img_dir.mkdir(parents=True, exist_ok=True)
         mask_dir.mkdir(parents=True, exist_ok=True)
-        for combo in combinations(split):
+        for combo in combinations(split, extra_colours):
             name = stem(*combo)
             img, mask = render(*combo, size=size)
             img.save(img_dir / f"{name}.png")
@@ -105,7 +113,8 @@ def write_dataset(root, size: int = 64) -> dict:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     train = [r for r in rows if r["split"] == "train"]
     return {"root": str(root), "dataset_dir": str(root / "images"), "size": size, "train": len(train),
-            "heldout": len(rows) - len(train), "train_captions": [r["caption"] for r in train]}
+            "augmented": sum(r["colour"] in EXTRA_COLOURS for r in train), "heldout": len(rows) - len(train),
+            "train_captions": [r["caption"] for r in train]}
 
 
 # ---- scoring generated images -------------------------------------------------------------------

@@ -37,11 +37,14 @@ def test_main_job_without_models_runs_the_offline_demo(offline_demo):
 
     # held-out prompts are caption combinations the training set never had
     captions = {p.read_text().strip() for p in (demo / "dataset" / "images").glob("*.txt")}
-    assert len(captions) == report["train_prompts_count"] == 225
+    extra = report["dataset"]["augmentation_images"]  # every shape in colours never prompted
+    assert len(captions) == report["train_prompts_count"] == 225 + extra == report["dataset"]["train_images"]
+    assert extra == 45 * len(report["dataset"]["augmentation_colours"])
+    assert not set(report["dataset"]["augmentation_colours"]) & {c for _, c in report["held_out_pairs"]}
     assert report["held_out_prompts"] and not set(report["held_out_prompts"]) & captions
     for shape, colour in report["held_out_pairs"]:
         assert not any(f"a {colour} {shape} " in c for c in captions)
-    assert not list((demo / "dataset" / "images").glob("*mask*")) and len(list((demo / "dataset" / "masks").glob("*.png"))) == 225
+    assert not list((demo / "dataset" / "images").glob("*mask*")) and len(list((demo / "dataset" / "masks").glob("*.png"))) == 225 + extra
 
     # it learned: the training loss fell by a clear margin (step 1 vs the mean of the last logged steps)
     loss = report["loss"]
