@@ -27,6 +27,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
 # Augmentation (write_dataset's extra_colours; never prompted, never scored): colours drawn in every
 # shape, so that the training set no longer says a colour word predicts a shape.
 EXTRA_COLOURS = {"orange": (245, 130, 20), "purple": (110, 40, 160), "brown": (125, 75, 35)}
+PAINTS = {**COLOURS, **EXTRA_COLOURS}              # every colour render() can draw
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
              "center": (0.5, 0.5)}                  # shape centre as a fraction of (x, y)
@@ -81,7 +82,7 @@ def render(shape: str, colour: str, background: str, position: str, size: int = 
     """(RGB image with anti-aliased edges, palette mask with labels 0 background / 1.. shape)."""
     n = size * SUPERSAMPLE
     img = Image.new("RGB", (n, n), BACKGROUNDS[background])
-    img.paste(Image.new("RGB", (n, n), {**COLOURS, **EXTRA_COLOURS}[colour]), mask=shape_mask(shape, position, size, SUPERSAMPLE))
+    img.paste(Image.new("RGB", (n, n), PAINTS[colour]), mask=shape_mask(shape, position, size, SUPERSAMPLE))
     img = img.resize((size, size), Image.Resampling.BOX)
     inside = np.asarray(shape_mask(shape, position, size)) > 127
     mask = Image.fromarray((inside * (SHAPES.index(shape) + 1)).astype(np.uint8), "P")
