@@ -12,7 +12,8 @@ from .mask_training import OboroTrainMaskAdapter
 from .sampling import EmptyOboroLatentImage, OboroFlowScheduler, OboroSampler, SamplerOboroICFM
 from .step_cache import OboroTaylorCache
 from .text_encoder import OboroT5Loader, OboroTextEncode
-from .training import OboroTrainFull, OboroTrainLoRA
+from .training import OboroFullTrainer, OboroLoRATrainer, OboroTrainingData, OboroTrainingOptions
+from .training_legacy import OboroTrainFull, OboroTrainLoRA
 from .training_data import OboroCacheLatents
 
 
@@ -22,5 +23,6 @@ class OboroExtension(ComfyExtension):
         return [OboroModelLoader, OboroT5Loader, OboroTextEncode,
                 OboroSampler, OboroFlowScheduler, SamplerOboroICFM, EmptyOboroLatentImage, OboroTaylorCache,
                 OboroDedupDataset, OboroCaptionDataset, OboroScoreDataset,
-                OboroCacheLatents, OboroTrainLoRA, OboroTrainFull,
+                OboroCacheLatents, OboroLoRATrainer, OboroFullTrainer, OboroTrainingOptions, OboroTrainingData,
+                OboroTrainLoRA, OboroTrainFull,
                 OboroMaskAdapterLoader, OboroApplyMaskControl, OboroTrainMaskAdapter]

@@ -28,16 +28,17 @@ from comfy_api.latest import io
 
 from ..oboro_model import MMHDiT
 from ..oboro_model.data import crop_box
-from ..oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, MaskedLatents, palette_to_labels, save_mask_adapter
+from ..oboro_model.mask_control import MaskAdapterConfig, MaskControlDiT, MaskedLatents, palette_to_labels
 from ..oboro_model.training import TrainConfig
-from ..oboro_model.training.job import Job
-from ..oboro_model.training.seeding import seeded_rng
+from ..oboro_model.training.datasets import DataSource
+from ..oboro_model.training.export import ExportSpec
 from ..oboro_model.training.optim import SCHEDULES
-from ..oboro_model.training.run import build_trainer
+from ..oboro_model.training.run import RunInterrupted, RunSpec, run
+from ..oboro_model.training.seeding import seeded_rng
 from .mask_control import FOLDER, IMAGE_RANK, MaskAdapter, MaskAdapterIO, _oboro_dm, parse_palette
-from .paths import free_target
-from .training import PRECISION, STATE_ROOT, _inside, _plain_weights, drive, open_node_cache
+from .training_inputs import PRECISION
 from .training_preview import encode_plain, loss_curve_image
+from .training_run import STATE_ROOT, NodeHooks, _inside, interrupted_text, open_node_cache, plain_weights, send_text
 
 log = logging.getLogger("oboro")
 
@@ -115,7 +116,6 @@ class OboroTrainMaskAdapter(io.ComfyNode):
         stem = output_name.strip().removesuffix(".safetensors")
         target = _inside(folder_paths.get_folder_paths(FOLDER)[0], stem + ".safetensors")
         state_dir = _inside(Path(folder_paths.get_output_directory()) / STATE_ROOT, stem + "_mask")
-        job = Job(state_dir, resume_from, node)
         cache, root = open_node_cache(cache_dir, model.model.latent_format, node), Path(mask_dir or "")
         pal = parse_palette(palette) if (palette or "").strip() else None
         if len(cache) == 0 or not root.is_dir():
@@ -137,15 +137,19 @@ class OboroTrainMaskAdapter(io.ComfyNode):
                                 vae_scale=cache.items[0]["bucket"][0] // cache.items[0]["latent_shape"][-1])
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, warmup=warmup,
                            schedule=schedule, precision=PRECISION[precision], caption_dropout=condition_dropout,
-                           mask_dropout=condition_dropout, seed=seed, checkpoint_every=checkpoint_every,
-                           output_dir=str(state_dir))
+                           mask_dropout=condition_dropout, seed=seed, checkpoint_every=checkpoint_every)
+        spec = RunSpec(tcfg, str(state_dir), (DataSource(cache_dir),), None, None, resume_from,
+                       ExportSpec(str(target.parent), target.stem, "mask_adapter", bool(overwrite)), samples=0,
+                       what=node)
         empty = (None, None)  # no clip: a dropped text is no tokens (the adapter records "no_tokens")
         if clip is not None:  # T5("") as the cache stored it (older caches: encoded here)
             empty = ((cache.empty_text, cache.empty_mask) if cache.empty_text is not None
                      else encode_plain(clip, "", int(cache.settings.get("max_tokens", 256))))
         device = mm.get_torch_device()
-        weights, _ = _plain_weights(model, device)  # fp32: the adapter reads the base layers directly
+        weights, _ = plain_weights(model, device)  # fp32: the adapter reads the base layers directly
         mm.unload_all_models()
+        hooks = NodeHooks(node, steps, empty=empty, open_cache=lambda p, what: cache,
+                          wrap_data=lambda data: MaskedLatents(data, masks))
         with torch.inference_mode(False), torch.enable_grad(), seeded_rng(seed, device):
             with torch.device("meta"):
                 net = MMHDiT(dm.config)
@@ -153,21 +157,24 @@ class OboroTrainMaskAdapter(io.ComfyNode):
             with torch.random.fork_rng(devices=[]):  # the adapter's init follows `seed` too
                 torch.manual_seed(seed)
                 mcd = MaskControlDiT(net, cfg)  # the base is frozen: only the adapter trains
-            trainer = build_trainer(mcd, MaskedLatents(cache, masks), tcfg, empty=empty)
-            job.start(trainer)
-            drive(trainer, job, node, stem)
-            target = free_target(target, overwrite)
-            save_mask_adapter(target, mcd)
-            s = job.summary(trainer)
-            mcd = net = trainer = None
+            try:
+                result = run(spec, mcd, hooks)
+            except RunInterrupted as e:
+                send_text(interrupted_text(e))
+                raise mm.InterruptProcessingException() from None
+            mcd = net = None
         gc.collect()
         mm.soft_empty_cache()
-        summary = json.dumps({"path": str(target), "steps": s["step"], "items": len(cache), "num_labels": K,
-                              "final_loss": s["final_loss"], "state_dir": s["state_dir"], "seconds": s["seconds"]},
+        s = result.summary
+        path = s["path"]
+        summary = json.dumps({"path": path, "steps": s["step"], "items": len(cache), "num_labels": K,
+                              "final_loss": s.get("final_loss"), "state_dir": s["state_dir"],
+                              "seconds": s.get("seconds"), **({"note": result.note} if result.note else {})},
                              indent=1)
-        log.info("%s: saved %s", node, target)
-        return io.NodeOutput(str(target), loss_curve_image(job.history, f"{node}: {stem}"), MaskAdapter.read(target),
-                             ui={"text": (summary,)})
+        log.info("%s: saved %s", node, path)
+        return io.NodeOutput(path, loss_curve_image(result.history or {"step": [], "loss": [], "spikes": [],
+                                                                          "resumed_at": []}, f"{node}: {stem}"),
+                             MaskAdapter.read(Path(path)), ui={"text": (summary,)})
 
 
 NODES = [OboroTrainMaskAdapter]

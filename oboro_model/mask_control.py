@@ -407,11 +407,12 @@ class MaskedLatents(torch.utils.data.Dataset):
 
 # --- save / load ---
 
-def save_mask_adapter(path, model: MaskControlDiT) -> Path:
+def save_mask_adapter(path, model: MaskControlDiT, metadata: Optional[dict] = None) -> Path:
     """Atomic safetensors of the mask embedder + LoRA weights only; header: the adapter config and
-    the base model's config (JSON)."""
+    the base model's config (JSON), plus `metadata` (the training export's)."""
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.adapter_state_dict().items()}
-    meta = {META_KEY: model.cfg.to_json(), BASE_CONFIG_KEY: model.base.config.to_json(), FORMAT_KEY: "1"}
+    meta = {**(metadata or {}), META_KEY: model.cfg.to_json(), BASE_CONFIG_KEY: model.base.config.to_json(),
+            FORMAT_KEY: "1"}
     return save_safetensors(path, sd, meta)
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from oboro.oboro_model import MMHDiT, load_checkpoint, preset, save_checkpoint
-from oboro.oboro_model.training.distributed import build_model, load_cached_dataset, lora_spec, train_config
+from oboro.oboro_model.training.cli import build_model, load_cached_dataset, lora_spec, train_config
 from oboro.oboro_model.training.lora import lora_state_dict
 from oboro.oboro_model.training.run import build_trainer
 from oboro.oboro_model.training.state import list_checkpoints

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oboro.oboro_model.training.distributed import lora_spec
+from oboro.oboro_model.training.cli import lora_spec
 from oboro.oboro_model.training.frozen_base import frozen_base_model, linear_dtype, linear_weight_keys
 from oboro.oboro_model.training.lora import add_lora
 from tiny import tiny_dit

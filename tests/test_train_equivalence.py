@@ -100,6 +100,11 @@ def run_cli(config: Path) -> str:
     return proc.stdout + proc.stderr
 
 
+def exported(log: str) -> str:
+    """The file oboro-train says it wrote (the next free name, never an older export)."""
+    return [line.split("wrote ", 1)[1].strip() for line in log.splitlines() if "oboro-train: wrote" in line][0]
+
+
 def worst(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -135,7 +140,8 @@ def test_full_node_cli_and_ddp_give_the_same_weights(comfy, setup):
     cfg.write_text(cfg.read_text().replace(f"steps = {K // 2}", f"steps = {K}"))
     log = launch_ddp(cfg)  # ...and resumed from its state ([output] resume = true)
     assert f"step {K // 2} -> {K}" in log
-    ddp = load_file(str(setup.work / "ddp_full" / "model.safetensors"))
+    assert exported(log).endswith("model_00001_.safetensors")  # the half-way export is kept
+    ddp = load_file(exported(log))
     assert worst(node, ddp) <= TOL
     base = load_file(str(setup.base))
     assert worst(node, {k: base[k] for k in node}) > 1e-5  # and training moved the weights

@@ -145,7 +145,7 @@ def test_ema_matches_hand_computed_average():
 def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tr = trainer(val=Rand(2, 7), steps=4, validation_every=2, validation_timesteps=2)
-    job = Job(tmp_path / "run", "", "test")
+    job = Job(tmp_path / "run", None, "test")
     job.start(tr)
     job.tracker = Tracker("tensorboard", tmp_path / "run" / "logs", "run", {"lr": 3e-3, "steps": 4})
     tr.train(lambda step, loss, lr, rate: job.record(tr, step, loss, lr))

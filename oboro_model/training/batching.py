@@ -56,3 +56,16 @@ class DataOrder:
             out += self.order[self.pos:self.pos + take].tolist()
             self.pos += take
         return out
+
+
+def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack latents; right-pad texts of different lengths with zeros and a False mask."""
+    latent = torch.stack([it["latent"] for it in items])
+    L = max(it["text"].shape[0] for it in items)
+    text = torch.zeros(len(items), L, items[0]["text"].shape[1], dtype=items[0]["text"].dtype)
+    mask = torch.zeros(len(items), L, dtype=torch.bool)
+    for i, it in enumerate(items):
+        n = it["text"].shape[0]
+        text[i, :n] = it["text"]
+        mask[i, :n] = it["text_mask"].bool() if it.get("text_mask") is not None else True
+    return latent, text, mask

@@ -1,7 +1,5 @@
-"""A training run's bookkeeping, shared by every front end (the training nodes, the mask-adapter
-node, scripts/oboro-train): where its states live, what it resumes from (and refusing to mix a
-fresh start into an earlier run's states), the loss log kept next to the states, and the summary.
-Pure Python / JSON; the nodes add only ComfyUI's progress bar, interrupt and images on top."""
+"""A training run's bookkeeping inside run.run(): the loss log kept next to the states (resumed
+with them), tracker records, and the summary every front end reports. Pure Python / JSON."""
 from __future__ import annotations
 
 import json
@@ -12,24 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..atomic import atomic_write
-from .state import latest_checkpoint, list_checkpoints
+from .state import list_checkpoints
 
 logger = logging.getLogger(__name__)
 LOSS_LOG = "loss_log.json"
-
-
-def resume_file(resume_from: str, state_dir: Path) -> Optional[Path]:
-    """None (fresh start), or the training-state file to resume from. 'latest' is the newest state
-    in `state_dir` (none yet: a fresh start); else a state file or folder, absolute or relative to
-    state_dir's parent."""
-    r = (resume_from or "").strip()
-    if not r:
-        return None
-    if r == "latest":
-        found = list_checkpoints(state_dir)
-        return found[-1] if found else None
-    p = Path(r)
-    return latest_checkpoint(p if p.is_absolute() else Path(state_dir).parent / p)
 
 
 def new_history() -> dict:
@@ -63,20 +47,16 @@ def save_history(state_dir: Path, history: dict) -> None:
 
 
 class Job:
-    """One run: `Job(state_dir, resume_from, what)` picks the resume point (or refuses a fresh
-    start over an earlier run's states); `start(trainer)` resumes and loads the loss log;
+    """One run's bookkeeping: `Job(state_dir, resume)` (the state file run.pick_folder chose, or
+    None); `start(trainer)` resumes and loads the loss log;
     `record(...)` after every update; `save()` writes the loss log (main process only);
     `summary()` is what the front ends report. With a `tracker` (tracking.Tracker) every record
     is also logged there: loss, lr, spikes, validation."""
 
-    def __init__(self, state_dir, resume_from: str = "", what: str = "training", is_main: bool = True,
+    def __init__(self, state_dir, resume: Optional[Path] = None, what: str = "training", is_main: bool = True,
                  tracker=None):
         self.state_dir, self.what, self.is_main, self.tracker = Path(state_dir), what, is_main, tracker
-        self.resume = resume_file(resume_from, self.state_dir)
-        if self.resume is None and list_checkpoints(self.state_dir):
-            raise ValueError(f"{what}: {self.state_dir} already holds training states of an earlier run; set "
-                             "resume_from to 'latest' ([output] resume = true) to continue it, or pick another "
-                             "output name (or delete that folder)")
+        self.resume = resume
         self.history, self.start_step, self.t0, self._spikes = new_history(), 0, time.time(), 0
 
     def start(self, trainer) -> None:

@@ -16,6 +16,8 @@ import torch
 from ...samplers.icfm import icfm_sample
 from ...samplers.ode import flow_shift
 
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
+
 T_SAMPLING = ("uniform", "logit_normal", "shifted")
 
 

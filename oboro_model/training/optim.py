@@ -7,7 +7,6 @@ asked for, with an error that says what to install.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -130,29 +129,13 @@ class EMA:
             v.copy_(sd[n])
         self.updates = updates
 
+    def applied(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]):
+        """The averaged weights in the model for a `with` body, the trained ones restored after."""
+        from .swap import swapped
+        return swapped(named_params, self.shadow)
+
     @torch.no_grad()
     def reset(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
         """Follow the weights exactly (before `ema_start`): the average starts from them later."""
         for n, p in named_params:
             self.shadow[n].copy_(p.detach().float())
-
-    @contextlib.contextmanager
-    def applied(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]):
-        """The averaged weights in the model for the `with` body (previews, validation, export),
-        the trained ones restored bit for bit afterwards."""
-        named_params = list(named_params)
-        with torch.no_grad():
-            backup = {n: p.detach().clone() for n, p in named_params}
-            self.copy_to(named_params)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in named_params:
-                    p.copy_(backup[n])
-
-    @torch.no_grad()
-    def copy_to(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
-        """Write the averaged weights into the model (e.g. before exporting a checkpoint)."""
-        for n, p in named_params:
-            p.copy_(self.shadow[n].to(p.dtype))

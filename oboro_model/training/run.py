@@ -1,18 +1,29 @@
-"""What every training front end (OboroTrainLoRA / OboroTrainFull / OboroTrainMaskAdapter and
-scripts/oboro-train, in one process or under `accelerate launch`) shares, so that the same cache
-and settings give the same weights whichever one runs: opening the cache (the one reader, with
-its recorded latent transform and empty prompt), checking it fits the model, the seeded LoRA
-injection, and building the Trainer."""
+"""The ONE training run every front end calls (OboroLoRATrainer / OboroFullTrainer and their older
+node faces, OboroTrainMaskAdapter, scripts/oboro-train in one process or under `accelerate
+launch`): a front end builds a RunSpec and a network and calls run(spec, net, hooks). Everything
+after the network exists happens here, once: open and check the caches, pick the state folder by
+the run's identity (identity.py), hold its write lock, build the trainer, loop with the hooks
+(progress, previews, interrupt), export (export.py), and the loss curve and sample grid beside the
+states (report.py). So the same cache and settings give the same files whichever front end runs it.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
 
 import torch
 
 from ..data import LatentCache
-from .trainer import LocalProcess, Trainer, TrainConfig
+from ..folder_lock import folder_lock
+from . import identity as ident
+from .datasets import has_loss_masks, open_training_data
+from .export import ExportSpec, export
+from .job import Job
+from .state import latest_checkpoint, list_checkpoints
+from .trainer import LocalProcess, StopTraining, Trainer, TrainConfig
 
 logger = logging.getLogger(__name__)
 LORA_TARGETS = ("attn", "mlp", "all")
@@ -20,13 +31,57 @@ LORA_TARGETS = ("attn", "mlp", "all")
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """A LoRA to train instead of all weights ([lora] in CONFIG.toml, the LoRA node's inputs)."""
+    """A LoRA to train instead of all weights ([lora] in CONFIG.toml, the LoRA trainer's inputs)."""
     rank: int = 16
     alpha: Optional[float] = None      # None: rank (scale 1)
     dropout: float = 0.0
     targets: Union[str, tuple] = "attn"  # attn | mlp | all | module paths or suffixes
     base_dtype: str = "stored"         # the frozen base's storage dtype (frozen_base.STORAGE_DTYPES)
     adapter: str = "lora"              # lora | loha | lokr | dora (adapters.py)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What defines a run, front-end neutral. `config.output_dir` is ignored: the state folder is
+    `state_dir` or, for resume="latest" when it holds another run, its next free sibling."""
+    config: TrainConfig
+    state_dir: str
+    sources: tuple                     # DataSource, ...: the first is the main cache
+    adapter: Optional[LoraSpec] = None  # None: every trainable parameter of `net` (full / mask adapter)
+    validation_cache: Optional[str] = None
+    resume: str = "latest"             # "" fresh (refused over another run's states) | latest | a state path
+    export: Optional[ExportSpec] = None
+    samples: int = 4                   # sample grid of this many cached captions at the end (0: none)
+    what: str = "training"             # the front end, in messages
+
+
+class RunInterrupted(Exception):
+    """The run was stopped by its front end; its state is saved and `resume="latest"` continues it."""
+
+    def __init__(self, step: int, steps: int, state_dir: Path):
+        self.step, self.steps, self.state_dir = step, steps, state_dir
+        super().__init__(f"saved at step {step} of {steps} in {state_dir}; queue again (resume latest) to continue")
+
+
+@dataclass
+class RunHooks:
+    open_cache: Optional[Callable[[str, str], LatentCache]] = None  # (path, what) -> cache; default: manifest
+    wrap_data: Optional[Callable] = None       # dataset -> dataset (mask adapter: MaskedLatents)
+    on_step: Optional[Callable] = None         # (trainer, step, loss, lr, it_per_s) after every update
+    should_stop: Callable[[], bool] = lambda: False
+    say: Callable[[str], None] = field(default=lambda text: logger.info("%s", text))  # the user's messages
+    empty: Optional[tuple] = None              # (text, mask) for dropped captions; default: the cache's
+    dist: Optional[LocalProcess] = None
+    tracker: Optional[Callable] = None         # (state_dir, config) -> tracking.Tracker
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    history: dict
+    state_dir: Path
+    reused: bool = False                       # a finished, unchanged run: its files returned, nothing written
+    note: str = ""                             # what the user should know (a fresh folder, a reused file)
 
 
 def open_cache(path, transform="manifest", what: str = "training") -> LatentCache:
@@ -82,3 +137,142 @@ def build_trainer(model: torch.nn.Module, cache, config: TrainConfig, lora: Opti
                     config.validation_seed)
     return Trainer(model, cache, config, empty_text=empty[0], empty_mask=empty[1], dist=dist, validation=val)
 
+
+def _model_config(net):
+    return getattr(net, "config", None) or net.base.config  # MMHDiT, or a MaskControlDiT over one
+
+
+def open_data(spec: RunSpec, net, hooks: RunHooks):
+    """(training dataset, validation cache or None) of `spec`, each cache checked against `net`."""
+    def opened(path, what):
+        cache = hooks.open_cache(path, what) if hooks.open_cache else open_cache(path, what=what)
+        check_cache_fits(cache, _model_config(net), what)
+        return cache
+
+    data = open_training_data(list(spec.sources), lambda p: opened(p, spec.what))
+    if spec.config.masked_loss and not has_loss_masks(data):
+        raise ValueError(f"{spec.what}: masked_loss is on but no cache of this run stores loss masks; rebuild "
+                         "the cache with OboroCacheLatents' mask_dir (or alpha_mask)")
+    if hooks.wrap_data is not None:
+        data = hooks.wrap_data(data)
+    val = opened(spec.validation_cache, spec.what + " validation cache") if spec.validation_cache else None
+    return data, val
+
+
+def pick_folder(spec: RunSpec, identity: dict) -> tuple[Path, Optional[Path], str]:
+    """(state folder, state file to resume or None, note for the user) by the run rules above."""
+    state_dir, r = Path(spec.state_dir), (spec.resume or "").strip()
+    if not r:
+        if list_checkpoints(state_dir):
+            raise ValueError(f"{spec.what}: {state_dir} already holds training states of an earlier run; set "
+                             "resume_from to 'latest' ([output] resume = true) to continue it, or pick another "
+                             "output name")
+        return state_dir, None, ""
+    if r != "latest":
+        p = Path(r)
+        state = latest_checkpoint(p if p.is_absolute() else state_dir.parent / p)
+        diff = ident.differences(identity, ident.read_run(state.parent) or {})
+        if diff:
+            raise ValueError(f"{spec.what}: resume_from {r!r} is another run (it differs in: {'; '.join(diff)}); "
+                             "clear resume_from to start fresh, or use 'latest'")
+        return state.parent, state, ""
+    others = []
+    for folder in ident.candidate_folders(state_dir):
+        if not list_checkpoints(folder) and ident.read_run(folder) is None:
+            continue
+        recorded = ident.read_run(folder)
+        if ident.same_run(recorded, identity):
+            states = list_checkpoints(folder)
+            return folder, states[-1] if states else None, ""
+        others.append((folder, ident.differences(identity, recorded) if recorded else
+                       ["its identity (written by an older version)"]))
+    if not others:
+        return state_dir, None, ""
+    fresh = ident.next_free_folder(state_dir)
+    folder, diff = others[0]
+    return fresh, None, (f"{folder.name} holds another run (it differs in: {'; '.join(diff)}); started a fresh run "
+                         f"in {fresh.name} — nothing of the other run was resumed or changed")
+
+
+def run(spec: RunSpec, net: torch.nn.Module, hooks: Optional[RunHooks] = None) -> RunResult:
+    """Train `net` (an MMHDiT, or a MaskControlDiT over one) as `spec` says. Raises RunInterrupted
+    when hooks.should_stop() turns true (state saved)."""
+    hooks = hooks or RunHooks()
+    dist = hooks.dist or LocalProcess()
+    data, val = open_data(spec, net, hooks)
+    base = ident.weights_digest(net.state_dict())
+    adapter = dataclasses.asdict(spec.adapter) if spec.adapter else {"kind": spec.export.kind if spec.export else "full"}
+    identity = ident.run_identity(spec.config, data, base, adapter, val)
+    folder, resume_file, note = pick_folder(spec, identity)
+    if note:
+        hooks.say(note)
+    lock = folder_lock(folder, spec.what) if dist.is_main else _nothing()
+    with lock:
+        recorded = ident.read_run(folder)
+        done = (recorded or {}).get("finished")
+        if done and done.get("step", 0) >= spec.config.steps and all(Path(p).is_file() for p in done["files"].values()):
+            text = f"already trained: {done['files']['path']} (step {done['step']}, same data, base and settings); " \
+                   "nothing written"
+            hooks.say(text)
+            from .job import load_history
+            history = load_history(resume_file, done["step"]) if resume_file else {}
+            return RunResult({**done["files"], "step": done["step"], "state_dir": str(folder), "reused": True},
+                             history, folder, reused=True, note=text)
+        config = dataclasses.replace(spec.config, output_dir=str(folder))
+        trainer = build_trainer(net, data, config, spec.adapter, empty=hooks.empty, dist=dist, validation_cache=val)
+        job = Job(folder, resume_file, spec.what, is_main=dist.is_main)
+        job.start(trainer)
+        if resume_file is not None:
+            hooks.say(f"resuming {folder.name} from step {trainer.step} -> {spec.config.steps}")
+        if hooks.tracker is not None:
+            job.tracker = hooks.tracker(folder, config)
+        if dist.is_main:
+            ident.write_run(folder, identity)
+        try:
+            _loop(trainer, job, hooks)
+        finally:
+            job.save()
+        files = {}
+        if spec.export is not None and dist.is_main:
+            files = export(trainer, spec.export, identity, len(trainer.dataset))
+            ident.write_run(folder, identity, finished={"step": trainer.step, "files": files})
+        dist.barrier()
+        if dist.is_main:
+            from .report import write_report
+            write_report(trainer, job.history, folder, spec.samples, f"{spec.what}: {Path(spec.state_dir).name}")
+        extra = {"data": data.describe()} if hasattr(data, "describe") else {}
+        summary = job.summary(trainer, items=len(trainer.dataset), **files, **extra, **({"note": note} if note else {}))
+        job.close()
+        return RunResult(summary, job.history, folder, note=note)
+
+
+def _loop(trainer: Trainer, job: Job, hooks: RunHooks) -> None:
+    steps, every = trainer.config.steps, trainer.config.checkpoint_every
+    stopped = {}
+
+    def callback(step, loss, lr, rate):
+        job.record(trainer, step, loss, lr)
+        if every and step % every == 0:
+            job.save()
+        if hooks.on_step is not None:
+            hooks.on_step(trainer, step, loss, lr, rate)
+        if hooks.should_stop():
+            stopped["at"] = step
+            raise StopTraining
+
+    try:
+        trainer.train(callback)
+    except KeyboardInterrupt:
+        stopped["at"] = trainer.step
+    if "at" in stopped and trainer.step < steps:
+        job.save()
+        job.close()
+        raise RunInterrupted(trainer.step, steps, job.state_dir)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

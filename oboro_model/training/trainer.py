@@ -25,16 +25,16 @@ from typing import Callable, Optional
 
 import torch
 
-from .batching import DataOrder
-from .loss import T_SAMPLING, caption_dropout_mask, drop_captions, icfm_loss, sample_t
+from .batching import DataOrder, collate
+from .loss import PRECISIONS, T_SAMPLING, caption_dropout_mask, drop_captions, icfm_loss, sample_t
 from .optim import EMA, LRSchedule, build_optimizer, build_scheduler, is_schedule_free
 from .spike_guard import SpikeGuard
+from .validation import Validation
 from .weighting import pixel_weights, sample_weights
 from .state import (capture, checkpoint_path, latest_checkpoint, prune_checkpoints, read_state, remove_stale_temps,
                     restore, write_state)
 
 logger = logging.getLogger(__name__)
-PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LocalProcess:
@@ -120,19 +120,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
-def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack latents; right-pad texts of different lengths with zeros and a False mask."""
-    latent = torch.stack([it["latent"] for it in items])
-    L = max(it["text"].shape[0] for it in items)
-    text = torch.zeros(len(items), L, items[0]["text"].shape[1], dtype=items[0]["text"].dtype)
-    mask = torch.zeros(len(items), L, dtype=torch.bool)
-    for i, it in enumerate(items):
-        n = it["text"].shape[0]
-        text[i, :n] = it["text"]
-        mask[i, :n] = it["text_mask"].bool() if it.get("text_mask") is not None else True
-    return latent, text, mask
-
-
 class Trainer:
     """Train `model` (an MMHDiT or anything with its forward) on a map-style `dataset` of
     {"latent": [C,H,W], "text": [L,D], "text_mask": [L]}; items that also hold "mask_labels" [h,w]
@@ -174,7 +161,6 @@ class Trainer:
         self.ema = EMA(self.params, c.ema_decay) if c.ema_decay else None
         # validation.Validation (or a dataset to build one): scored in train(), draws no training RNG
         if validation is not None and not hasattr(validation, "score"):
-            from .validation import Validation
             validation = Validation(validation, c.validation_every, c.validation_timesteps, c.validation_seed)
         self.validation = validation
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")

@@ -25,7 +25,9 @@ from typing import Optional
 
 import torch
 
-from .loss import icfm_loss
+from .batching import collate
+from .loss import PRECISIONS, icfm_loss
+from .swap import exported_weights, swapped
 
 logger = logging.getLogger(__name__)
 BEST = "best.safetensors"
@@ -92,7 +94,6 @@ class Validation:
     def score(self, model: torch.nn.Module, batch_size: int = 4, sigma: float = 0.0,
               amp: Optional[torch.dtype] = None) -> float:
         """Mean I-CFM loss over every held-out item x every grid time (fixed noise)."""
-        from .trainer import collate
         p = next(model.parameters())
         dev, dtype = p.device, p.dtype
         was_training = model.training
@@ -123,7 +124,6 @@ class Validation:
         """Score the trainer's current weights (EMA ones if it keeps an EMA; ScheduleFree's averaged
         sequence), record it, and on a new best write best.safetensors (main process)."""
         c = trainer.config
-        from .trainer import PRECISIONS
         with exported_weights(trainer):
             loss = self.score(trainer.model, c.batch_size, c.sigma, PRECISIONS[c.precision])
         self.last_step, self.last_loss = trainer.step, loss
@@ -148,39 +148,6 @@ class Validation:
 
 
 @contextlib.contextmanager
-def exported_weights(trainer):
-    """The weights a front end exports, in the model for the `with` body and restored bit for bit
-    after: the EMA when the trainer keeps one, ScheduleFree's averaged sequence, else as trained."""
-    with contextlib.ExitStack() as stack:
-        if trainer.ema is not None:
-            stack.enter_context(trainer.ema.applied(trainer.params))
-        elif trainer.schedule_free:
-            stack.enter_context(_swap(trainer.params, None, trainer.optimizer))
-        yield
-
-
-@contextlib.contextmanager
-def _swap(params, tensors: Optional[dict], optimizer=None):
-    """Put `tensors` (or ScheduleFree's eval weights) into `params`; restore the exact values after."""
-    params = list(params)
-    with torch.no_grad():
-        backup = {n: p.detach().clone() for n, p in params}
-        if optimizer is not None:
-            optimizer.eval()
-        else:
-            for n, p in params:
-                p.copy_(tensors[n].to(p.dtype))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            if optimizer is not None:
-                optimizer.train()
-            for n, p in params:
-                p.copy_(backup[n])
-
-
-@contextlib.contextmanager
 def best_weights(trainer):
     """The best-by-validation weights (the EMA ones with EMA on) from best.safetensors in the model
     for the `with` body; yields the step they are from, or None (and changes nothing) without one."""
@@ -195,5 +162,5 @@ def best_weights(trainer):
     missing = sorted({n for n, _ in trainer.params} - set(weights))
     if missing:
         raise ValueError(f"{path}: lacks {len(missing)} trained parameters of this run, e.g. {missing[:3]}")
-    with _swap(trainer.params, weights):
+    with swapped(trainer.params, weights):
         yield int(meta["step"])
