@@ -34,7 +34,7 @@ def legacy_schema(kind: str) -> io.Schema:
             inputs.append(table.widget(table.BY_NAME[name], kind, optional, legacy=True))
     return io.Schema(
         node_id="OboroTrainLoRA" if lora else "OboroTrainFull",
-        display_name="oboro Train LoRA (all-in-one, old)" if lora else "oboro Train Full (all-in-one, old)",
+        display_name="oboro Train LoRA" if lora else "oboro Train (full fine-tune)",  # as saved in workflows
         category="oboro/training", is_deprecated=True,
         description="The earlier all-in-one trainer, kept for saved workflows. Use oboro LoRA Trainer / oboro Full "
                     "Fine-tune Trainer with oboro Training Options / Data instead: same engine, same results.",

@@ -178,10 +178,14 @@ def preview_setup(v: dict, clip, vae, latent_format, cache_first, node: str, net
     def render(trainer, step):
         with exported_weights(trainer):
             pv.render(trainer.model, step, device, amp)
-        img = pv.decode(pv.rows[-1], latent_format, vae)
+        with torch.inference_mode():  # ComfyUI's VAE holds inference tensors
+            img = pv.decode(pv.rows[-1], latent_format, vae)
         if img is None:
             return None
         row = torch.cat(list(img), dim=1).clamp(0, 1)
+        tracker = getattr(trainer, "tracker", None)
+        if tracker is not None:
+            tracker.log_images("previews", row[None].clone(), step)
         return Image.fromarray((row.numpy() * 255).round().astype(np.uint8))
     return pv, render
 

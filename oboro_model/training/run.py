@@ -225,7 +225,7 @@ def run(spec: RunSpec, net: torch.nn.Module, hooks: Optional[RunHooks] = None) -
         if resume_file is not None:
             hooks.say(f"resuming {folder.name} from step {trainer.step} -> {spec.config.steps}")
         if hooks.tracker is not None:
-            job.tracker = hooks.tracker(folder, config)
+            job.tracker = trainer.tracker = hooks.tracker(folder, config)  # hooks may log images to it
         if dist.is_main:
             ident.write_run(folder, identity)
         try:
