@@ -4,9 +4,13 @@ OboroCaptionDataset (Florence-2 -> sidecar .txt) and OboroScoreDataset (Aestheti
 v2.5 -> metadata.jsonl, which OboroCacheLatents' score_column turns into quality tags).
 
 None of them deletes, moves or renames a user file. Dedup only reads the dataset and writes its
-report under output/oboro_dedup/. Caption and score write sidecar files INTO the dataset folder,
-so that folder must lie inside ComfyUI's input folder, its output folder or OBORO_ALLOWED_ROOTS
-(the write rule of nodes/paths.py); an existing caption or score is kept unless `overwrite`.
+report under output/oboro_dedup/, into a new folder each run (an existing report_name gets the next
+free `_00001_` name, so no report is replaced). Caption and score write sidecar files INTO the
+dataset folder, so that folder must lie inside ComfyUI's input folder, its output folder or
+OBORO_ALLOWED_ROOTS (the write rule of nodes/paths.py); an existing caption or score is kept
+unless `overwrite`. Every folder they write is held with folder_lock while they write it (one
+writer at a time, across prompts, processes and servers). Their read inputs (dataset_dir,
+exclude_list) follow paths.confine_read: a plain name is in ComfyUI's input folder.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from ..oboro_model.data import dedup
 from ..oboro_model.data.annotate import TASKS, AestheticScorer, Captioner, write_caption, write_scores
 from ..oboro_model.data.exclusions import read_exclusions, write_exclusions
 from ..oboro_model.data.sources import read_metadata, parse_score
-from .paths import ALLOWED_ENV, allowed_roots, confine
+from ..oboro_model.folder_lock import LOCK_NAME, folder_lock
+from .paths import ALLOWED_ENV, allowed_roots, confine, confine_read, free_target, no_nul
 
 log = logging.getLogger("oboro")
 DEDUP_ROOT = "oboro_dedup"
@@ -61,25 +66,16 @@ def model_folder(kind: str, name: str) -> Path:
                             f"processor files) in one of {folder_paths.get_folder_paths(kind)}")
 
 
-def under_input(path: str) -> Path:
-    """A plain name is a folder in ComfyUI's input folder; an absolute path is itself."""
-    folder = Path(path or "")
-    return folder if folder.is_absolute() else Path(folder_paths.get_input_directory()) / folder
-
-
 def readable_dataset(path: str) -> Path:
-    """Reads are not confined (README "Safety on a shared server"); a plain name is looked up in
-    ComfyUI's input folder, as for the writing nodes."""
-    folder = under_input(path)
-    if not (path or "").strip() or not folder.is_dir():
-        raise FileNotFoundError(f"dataset_dir {path!r}: not a folder ({folder.resolve()})")
-    return folder.resolve()
+    """A dataset folder to read, by the one read rule (paths.confine_read)."""
+    return confine_read(path, "dataset_dir", expect="dir")
 
 
 def writable_dataset(path: str) -> Path:
     """A dataset folder our nodes may write sidecar files into: a plain name under ComfyUI's input
     folder, or an absolute path inside the input folder, the output folder or OBORO_ALLOWED_ROOTS."""
     inp = Path(folder_paths.get_input_directory()).resolve()
+    no_nul(path, "dataset_dir")
     if not os.path.isabs(path or ""):
         folder = confine(inp, path, "dataset_dir")
     else:
@@ -94,14 +90,18 @@ def writable_dataset(path: str) -> Path:
 
 
 def folder_state(path: str, extra=()) -> str:
-    """Changes when any file under `path` changes (size, mtime): the node then runs again."""
+    """Changes when any file under `path` changes (size, mtime): the node then runs again. A path
+    the read rule refuses is not looked at (execute then says why)."""
     h = hashlib.sha256(repr(extra).encode())
-    if not (path or "").strip() or not under_input(path).is_dir():
-        return f"missing:{path}"
-    path = str(under_input(path))
+    try:
+        path = str(readable_dataset(path))
+    except (ValueError, OSError) as e:
+        return f"unusable:{type(e).__name__}:{path!r}"
     for d, subdirs, names in os.walk(path):
         subdirs.sort()
         for n in sorted(names):
+            if n == LOCK_NAME:  # rewritten by every caption/score run, whether or not files changed
+                continue
             try:
                 st = os.stat(os.path.join(d, n))
                 h.update(f"{d}/{n}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -113,9 +113,21 @@ def folder_state(path: str, extra=()) -> str:
 def excluded(exclude_list: str) -> set[str]:
     if not (exclude_list or "").strip():
         return set()
-    if not os.path.isfile(exclude_list):
-        raise FileNotFoundError(f"exclude_list {exclude_list!r}: no such file (OboroDedupDataset writes it)")
-    return read_exclusions(exclude_list)
+    return read_exclusions(confine_read(exclude_list, "exclude_list", expect="file"))
+
+
+def new_report_folder(report_name: str) -> Path:
+    """output/oboro_dedup/<report_name>, or when that exists the next free `<name>_NNNNN_` beside it
+    (paths.free_target, as for trained models): created here, atomically (mkdir fails if another
+    run took the name first), so a report is never replaced nor shared by two runs."""
+    path = confine(Path(folder_paths.get_output_directory()) / DEDUP_ROOT, report_name, "report_name")
+    while True:
+        target = free_target(path, overwrite=False)
+        try:
+            target.mkdir(parents=True)
+            return target
+        except FileExistsError:
+            continue
 
 
 def device_dtype():
@@ -134,7 +146,9 @@ class OboroDedupDataset(io.ComfyNode):
                         "image embeddings) and writes an exclusion list that OboroCacheLatents skips. Never deletes "
                         "or moves a file.",
             inputs=[
-                io.String.Input("dataset_dir", tooltip="Folder of images (searched recursively). Only read."),
+                io.String.Input("dataset_dir", tooltip="Folder of images (searched recursively). Only read. A name in "
+                                                       "ComfyUI's input folder, or an absolute path inside the input, "
+                                                       "output or models folders or OBORO_READ_ROOTS."),
                 io.Float.Input("threshold", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip=f"Cosine distance below which two images are duplicates. 0: automatic "
                                        f"({dedup.HASH_EPS} for the built-in hash embedding, {dedup.CLIP_EPS} with a "
@@ -143,7 +157,8 @@ class OboroDedupDataset(io.ComfyNode):
                                tooltip="Which image of a duplicate group stays: the most pixels (then the larger "
                                        "file), the highest score (score_column of metadata), or the first by path."),
                 io.String.Input("report_name", default="default",
-                                tooltip="Report folder: output/oboro_dedup/<name>/ (exclude.txt, report.json)."),
+                                tooltip="Report folder: output/oboro_dedup/<name>/ (exclude.txt, report.json); if it "
+                                        "exists, the next free <name>_00001_ (no report is replaced)."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Image embeddings from this model (core Load CLIP Vision). Not connected: "
                                             "the built-in perceptual-hash embedding (no model files)."),
@@ -167,7 +182,7 @@ class OboroDedupDataset(io.ComfyNode):
     def execute(cls, dataset_dir, threshold, keep, report_name, clip_vision=None, score_column=SCORE_COLUMN,
                 partition_size=dedup.PARTITION_SIZE) -> io.NodeOutput:
         root = readable_dataset(dataset_dir)
-        out_dir = confine(Path(folder_paths.get_output_directory()) / DEDUP_ROOT, report_name, "report_name")
+        confine(Path(folder_paths.get_output_directory()) / DEDUP_ROOT, report_name, "report_name")  # refuse early
         files = dedup.list_images(root)
         if not files:
             raise ValueError(f"{root}: no images found")
@@ -186,13 +201,16 @@ class OboroDedupDataset(io.ComfyNode):
         pbar.update_absolute(len(files) + 1, len(files) + 1)
         dup_groups = [[emb.files[i] for i in g] for g in groups if len(g) > 1]
         drop = [f for g in dup_groups for f in g[1:]]
-        exclude = write_exclusions(out_dir / "exclude.txt", drop, str(root),
-                                   f"{len(drop)} near-duplicates of {len(files)} images; threshold {eps:g}")
-        report = {"dataset_dir": str(root), "images": len(files), "embedded": len(emb.files),
-                  "embedding": "hash" if clip_vision is None else "clip_vision", "threshold": eps, "keep": keep,
-                  "rounds": rounds, "groups": len(dup_groups), "excluded": len(drop), "exclude_list": str(exclude),
-                  "skipped": emb.skipped, "duplicate_groups": [{"keep": g[0], "duplicates": g[1:]} for g in dup_groups]}
-        (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+        out_dir = new_report_folder(report_name)
+        with folder_lock(out_dir, f"OboroDedupDataset report of {root}"):
+            exclude = write_exclusions(out_dir / "exclude.txt", drop, str(root),
+                                       f"{len(drop)} near-duplicates of {len(files)} images; threshold {eps:g}")
+            report = {"dataset_dir": str(root), "images": len(files), "embedded": len(emb.files),
+                      "embedding": "hash" if clip_vision is None else "clip_vision", "threshold": eps, "keep": keep,
+                      "rounds": rounds, "groups": len(dup_groups), "excluded": len(drop), "report_dir": str(out_dir),
+                      "exclude_list": str(exclude), "skipped": emb.skipped,
+                      "duplicate_groups": [{"keep": g[0], "duplicates": g[1:]} for g in dup_groups]}
+            (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
         sheet = dedup.contact_sheet(root, dup_groups)
         image = torch.from_numpy(np.asarray(sheet, np.float32) / 255.0)[None]
         log.info("OboroDedupDataset: %s: %d duplicate groups, %d images excluded (%s)", root, len(dup_groups),
@@ -252,30 +270,32 @@ class OboroCaptionDataset(io.ComfyNode):
                 exclude_list="") -> io.NodeOutput:
         root = writable_dataset(dataset_dir)
         skip = excluded(exclude_list)
-        files = [f for f in dedup.list_images(root) if f not in skip]
-        todo = [f for f in files if overwrite or not (root / f).with_suffix(".txt").exists()]
-        report = {"dataset_dir": str(root), "images": len(files), "excluded": len(skip), "task": task,
-                  "kept_existing": len(files) - len(todo), "written": 0, "empty": [], "skipped": []}
-        if todo:
-            device, dtype = device_dtype()
-            captioner = Captioner(model_folder(FLORENCE, model), device, dtype)
-            pbar = comfy.utils.ProgressBar(len(todo))
-            for i, rel in enumerate(todo):
-                mm.throw_exception_if_processing_interrupted()
-                try:
-                    img = dedup.load_image(root / rel)
-                except Exception as e:  # noqa: BLE001 - a bad file is a report entry
-                    report["skipped"].append({"file": rel, "reason": f"unreadable image: {type(e).__name__}: {e}"})
-                    img = None
-                if img is not None:
-                    text = captioner(img, task, max_new_tokens, num_beams)
-                    if not text:
-                        report["empty"].append(rel)
-                    elif write_caption(root / rel, text, prefix, suffix, overwrite):
-                        report["written"] += 1
-                pbar.update_absolute(i + 1, len(todo))
-            del captioner
-            mm.soft_empty_cache()
+        with folder_lock(root, "OboroCaptionDataset (writes <image>.txt captions)"):
+            files = [f for f in dedup.list_images(root) if f not in skip]
+            todo = [f for f in files if overwrite or not (root / f).with_suffix(".txt").exists()]
+            report = {"dataset_dir": str(root), "images": len(files), "excluded": len(skip), "task": task,
+                      "kept_existing": len(files) - len(todo), "written": 0, "empty": [], "skipped": []}
+            if todo:
+                device, dtype = device_dtype()
+                captioner = Captioner(model_folder(FLORENCE, model), device, dtype)
+                pbar = comfy.utils.ProgressBar(len(todo))
+                for i, rel in enumerate(todo):
+                    mm.throw_exception_if_processing_interrupted()
+                    try:
+                        img = dedup.load_image(root / rel)
+                    except Exception as e:  # noqa: BLE001 - a bad file is a report entry
+                        report["skipped"].append({"file": rel,
+                                                  "reason": f"unreadable image: {type(e).__name__}: {e}"})
+                        img = None
+                    if img is not None:
+                        text = captioner(img, task, max_new_tokens, num_beams)
+                        if not text:
+                            report["empty"].append(rel)
+                        elif write_caption(root / rel, text, prefix, suffix, overwrite):
+                            report["written"] += 1
+                    pbar.update_absolute(i + 1, len(todo))
+                del captioner
+                mm.soft_empty_cache()
         log.info("OboroCaptionDataset: %s: %d captions written, %d kept, %d skipped", root, report["written"],
                  report["kept_existing"], len(report["skipped"]))
         text = json.dumps(report, indent=1, ensure_ascii=False)
@@ -322,31 +342,33 @@ class OboroScoreDataset(io.ComfyNode):
         if not column or column in ("file_name", "text", "caption"):
             raise ValueError(f"score_column {score_column!r}: name a column of its own, e.g. {SCORE_COLUMN!r}")
         skip = excluded(exclude_list)
-        files = [f for f in dedup.list_images(root) if f not in skip]
-        meta, _ = read_metadata(root, [Path(d) for d, _, _ in os.walk(root)], column)
-        todo = [f for f in files if overwrite or meta.get(f, (None, None))[1] is None]
-        report = {"dataset_dir": str(root), "images": len(files), "excluded": len(skip), "score_column": column,
-                  "kept_existing": len(files) - len(todo), "written": 0, "skipped": [], "scores": {}}
-        scores = {}
-        if todo:
-            device, dtype = device_dtype()
-            scorer = AestheticScorer(model_folder(AESTHETIC, model), device, dtype)
-            pbar = comfy.utils.ProgressBar(len(todo))
-            for start in range(0, len(todo), batch_size):
-                mm.throw_exception_if_processing_interrupted()
-                names, imgs = [], []
-                for rel in todo[start:start + batch_size]:
-                    try:
-                        imgs.append(dedup.load_image(root / rel))
-                        names.append(rel)
-                    except Exception as e:  # noqa: BLE001
-                        report["skipped"].append({"file": rel, "reason": f"unreadable image: {type(e).__name__}: {e}"})
-                if imgs:
-                    scores.update(zip(names, scorer(imgs)))
-                pbar.update_absolute(min(start + batch_size, len(todo)), len(todo))
-            del scorer
-            mm.soft_empty_cache()
-            report.update(write_scores(root, scores, column, overwrite))
+        with folder_lock(root, "OboroScoreDataset (writes metadata.jsonl)"):
+            files = [f for f in dedup.list_images(root) if f not in skip]
+            meta, _ = read_metadata(root, [Path(d) for d, _, _ in os.walk(root)], column)
+            todo = [f for f in files if overwrite or meta.get(f, (None, None))[1] is None]
+            report = {"dataset_dir": str(root), "images": len(files), "excluded": len(skip), "score_column": column,
+                      "kept_existing": len(files) - len(todo), "written": 0, "skipped": [], "scores": {}}
+            scores = {}
+            if todo:
+                device, dtype = device_dtype()
+                scorer = AestheticScorer(model_folder(AESTHETIC, model), device, dtype)
+                pbar = comfy.utils.ProgressBar(len(todo))
+                for start in range(0, len(todo), batch_size):
+                    mm.throw_exception_if_processing_interrupted()
+                    names, imgs = [], []
+                    for rel in todo[start:start + batch_size]:
+                        try:
+                            imgs.append(dedup.load_image(root / rel))
+                            names.append(rel)
+                        except Exception as e:  # noqa: BLE001
+                            report["skipped"].append({"file": rel,
+                                                      "reason": f"unreadable image: {type(e).__name__}: {e}"})
+                    if imgs:
+                        scores.update(zip(names, scorer(imgs)))
+                    pbar.update_absolute(min(start + batch_size, len(todo)), len(todo))
+                del scorer
+                mm.soft_empty_cache()
+                report.update(write_scores(root, scores, column, overwrite))
         report["scores"] = {k: round(v, 3) for k, v in list(scores.items())[:200]}
         log.info("OboroScoreDataset: %s: %d scores written", root, report["written"])
         text = json.dumps(report, indent=1, ensure_ascii=False)

@@ -1,4 +1,4 @@
-"""Where a graph may make our nodes write: ComfyUI's own folders, plus an explicit allow-list.
+"""Where a graph may make our nodes write and read: ComfyUI's own folders, plus explicit allow-lists.
 
 A ComfyUI server is often shared, and anything a submitted graph can do, every user of that
 server can do. So a path a node takes from a graph for WRITING (a cache, a training-state folder,
@@ -9,8 +9,15 @@ a model, a LoRA, an adapter) is confined the way core SaveImage confines its pre
     kind (the output folder, or models/<kind> including those added by extra_model_paths.yaml) or
     one listed in the environment variable OBORO_ALLOWED_ROOTS (os.pathsep-separated, set by
     whoever starts the server). Symlinks are resolved before the check.
-Reading (a dataset folder, a training state to resume from) is not confined; see README
-"Safety on a shared server".
+Reading is confined too (confine_read), or any user of a shared server could make it read, and
+train a model on, any folder its account can see, and probe which paths exist. Every path a graph
+names for READING (a dataset, mask_dir, an exclusion list, a cache, a state to resume from) follows
+ONE rule: a plain name (or sub/path) is looked up in the caller's base folder (by default ComfyUI's
+input folder, honouring --input-directory); either way the resolved path (symlinks followed) must
+lie inside ComfyUI's input, output or models folders (extra_model_paths.yaml included), or a root
+listed in OBORO_READ_ROOTS or OBORO_ALLOWED_ROOTS (what may be written may be read). Only the node
+layer confines; the core (oboro_model) and the CLI take any path their user gives them.
+A NUL byte in any path input is refused with the input named (Python's own error names nothing).
 """
 from __future__ import annotations
 
@@ -22,14 +29,71 @@ from typing import Iterable, Optional
 import folder_paths
 
 ALLOWED_ENV = "OBORO_ALLOWED_ROOTS"
+READ_ENV = "OBORO_READ_ROOTS"
+
+
+def no_nul(value, what: str) -> str:
+    """`value` unchanged, or a ValueError naming the input when it holds a NUL byte (which no path
+    can contain; os calls would fail later with a bare 'embedded null byte')."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError(f"{what} {value!r} contains a NUL byte (\\x00), which no file name can hold; "
+                         "retype the value")
+    return value
+
+
+def _env_roots(name: str) -> list[str]:
+    return [r for r in os.environ.get(name, "").split(os.pathsep) if r.strip()]
 
 
 def allowed_roots(kind: Optional[str] = None) -> list[Path]:
     """The folders absolute write paths may lie in: ComfyUI's output folder (kind None) or every
     registered folder of model kind `kind`, plus OBORO_ALLOWED_ROOTS."""
     roots = [folder_paths.get_output_directory()] if kind is None else list(folder_paths.get_folder_paths(kind))
-    roots += [r for r in os.environ.get(ALLOWED_ENV, "").split(os.pathsep) if r.strip()]
+    roots += _env_roots(ALLOWED_ENV)
     return [Path(r).resolve() for r in roots]
+
+
+def read_roots() -> list[Path]:
+    """The folders a graph may make our nodes read: ComfyUI's input, output and models folders
+    (every registered model folder, extra_model_paths.yaml included; not custom_nodes, which holds
+    code and perhaps its secrets), plus OBORO_ALLOWED_ROOTS and OBORO_READ_ROOTS."""
+    roots = [folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.models_dir]
+    roots += [p for kind, (paths, _) in folder_paths.folder_names_and_paths.items() if kind != "custom_nodes"
+              for p in paths]
+    roots += _env_roots(ALLOWED_ENV) + _env_roots(READ_ENV)
+    out: list[Path] = []
+    for r in roots:
+        if (r := Path(r).resolve()) not in out:
+            out.append(r)
+    return out
+
+
+def confine_read(value: str, what: str, base=None, expect: Optional[str] = None) -> Path:
+    """The one rule for paths a graph names for reading. A plain name (or sub/path) is looked up in
+    `base` (default: ComfyUI's input folder); an absolute path is itself. The resolved path must lie
+    in read_roots(), else ValueError naming `what` and saying how the admin allows a folder; this
+    check comes before any existence check, so a refusal tells nothing about the path. `expect`
+    "dir" / "file" then requires a folder / file (FileNotFoundError naming `what`)."""
+    no_nul(value, what)
+    name = (value or "").strip()
+    if not name:
+        raise ValueError(f"{what} is empty")
+    base = Path(base if base is not None else folder_paths.get_input_directory())
+    path = Path(name) if os.path.isabs(name) else base / name
+    path, roots = path.resolve(), read_roots()
+    if not _within(path, roots):
+        raise ValueError(f"{what} {value!r} ({path}) is outside the folders this server may read: "
+                         f"{', '.join(str(r) for r in roots)}. A plain name is looked up in {base}. The admin "
+                         f"can allow more folders with the environment variable {READ_ENV} ({os.pathsep}-"
+                         f"separated, set when starting ComfyUI; {ALLOWED_ENV} allows reading and writing)")
+    kinds = {"dir": (Path.is_dir, "a folder"), "file": (Path.is_file, "a file")}
+    if expect is not None and not kinds[expect][0](path):
+        hint = ""
+        parts = Path(name).parts  # e.g. 'input/x' from when plain names meant the working folder
+        if not os.path.isabs(name) and len(parts) > 1 and parts[0] == base.name and base.joinpath(*parts[1:]).exists():
+            hint = f"; plain names are relative to {base}: drop the leading '{parts[0]}/'"
+        raise FileNotFoundError(f"{what} {value!r}: not {kinds[expect][1]} ({path}){hint}")
+    return path
 
 
 def _within(path: Path, roots: Iterable[Path]) -> bool:
@@ -39,6 +103,7 @@ def _within(path: Path, roots: Iterable[Path]) -> bool:
 def confine(root, name: str, what: str, kind: Optional[str] = None, absolute_ok: bool = True) -> Path:
     """`name` under `root` (a plain name or sub/path; '..' may not climb out), or, when absolute and
     `absolute_ok`, inside allowed_roots(kind). `what` names the input in the error message."""
+    no_nul(name, what)
     if not (name or "").strip():
         raise ValueError(f"{what} is empty")
     root = Path(root).resolve()

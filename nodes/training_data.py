@@ -1,5 +1,10 @@
 """OboroCacheLatents: a folder of captioned images -> a latent cache (VAE latents + T5 hidden
-states) for training, built with oboro_model.data and ComfyUI's own VAE and CLIP objects."""
+states) for training, built with oboro_model.data and ComfyUI's own VAE and CLIP objects.
+
+Its read inputs (dataset_dir, mask_dir, exclude_list) follow nodes/paths.py confine_read (a plain
+name is in ComfyUI's input folder; everything inside the server's folders or OBORO_READ_ROOTS),
+its cache folder the write rule (confine); build_cache holds the cache folder's lock while it
+writes, so two prompts or servers building one cache_name cannot interleave their shards."""
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +23,8 @@ from ..oboro_model.data import OboroDataset, build_cache, default_latent_transfo
 from ..oboro_model.data.cache import MANIFEST
 from ..oboro_model.data.dataset import POLICIES
 from ..oboro_model.data.exclusions import read_exclusions
-from .paths import confine
+from ..oboro_model.folder_lock import LOCK_NAME
+from .paths import confine, confine_read
 from .text_encoder import encode_text
 
 log = logging.getLogger("oboro")
@@ -57,6 +63,15 @@ def cache_folder(name: str) -> Path:
     return confine(Path(folder_paths.get_output_directory()) / CACHE_ROOT, name, "cache_name")
 
 
+def read_inputs(dataset_dir: str, mask_dir: str = "", exclude_list: str = "") -> tuple:
+    """(dataset folder, mask folder or None, exclusion file or None), each by confine_read's rule;
+    an empty optional input is None. Raises naming the input."""
+    dataset = confine_read(dataset_dir, "dataset_dir", expect="dir")
+    mask = confine_read(mask_dir, "mask_dir", expect="dir") if (mask_dir or "").strip() else None
+    exclude = confine_read(exclude_list, "exclude_list", expect="file") if (exclude_list or "").strip() else None
+    return dataset, mask, exclude
+
+
 def vae_encoder(vae):
     def encode(pixels: torch.Tensor) -> torch.Tensor:  # [B,3,H,W] in [0,1] -> ComfyUI IMAGE [B,H,W,3]
         return vae.encode(pixels.movedim(1, -1).contiguous())
@@ -88,7 +103,9 @@ class OboroCacheLatents(io.ComfyNode):
                         "Unchanged images are reused from an existing cache; bad files are skipped and listed "
                         "in the report.",
             inputs=[
-                io.String.Input("dataset_dir", tooltip="Folder of images (searched recursively)."),
+                io.String.Input("dataset_dir", tooltip="Folder of images (searched recursively): a name in ComfyUI's "
+                                                       "input folder, or an absolute path inside the input, output "
+                                                       "or models folders or OBORO_READ_ROOTS."),
                 io.Vae.Input("vae"),
                 io.Clip.Input("clip", tooltip="T5 from OboroT5Loader."),
                 io.Combo.Input("policy", options=list(POLICIES), default="stage1_256",
@@ -115,13 +132,15 @@ class OboroCacheLatents(io.ComfyNode):
                 io.String.Input("mask_dir", default="", optional=True,
                                 tooltip="Loss masks for masked_loss: <mask_dir>/<image path> (or .png), white = "
                                         "learn, black = ignore (label maps: label > 0 = learn); cropped like "
-                                        "their image, stored at latent resolution. Empty: none."),
+                                        "their image, stored at latent resolution. Same path rule as dataset_dir. "
+                                        "Empty: none."),
                 io.Boolean.Input("alpha_mask", default=False, optional=True,
                                  tooltip="Images without a mask file use their alpha channel as loss mask "
                                          "(transparent = ignore)."),
                 io.String.Input("exclude_list", default="", optional=True,
                                 tooltip="A file of images to skip, one path relative to dataset_dir per line "
-                                        "(OboroDedupDataset's exclude_list). Empty: none."),
+                                        "(OboroDedupDataset's exclude_list). Same path rule as dataset_dir. "
+                                        "Empty: none."),
             ],
             outputs=[io.String.Output("cache_dir", display_name="cache_dir"),
                      io.String.Output("report", display_name="report")],
@@ -131,17 +150,20 @@ class OboroCacheLatents(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, dataset_dir="", cache_name="", mask_dir="", exclude_list="", **kwargs):
         """Re-run when any file under dataset_dir (or mask_dir, or the exclusion list) changes or the
-        cache disappears."""
-        if not dataset_dir or not os.path.isdir(dataset_dir):
-            return f"missing:{dataset_dir}"
+        cache disappears. Paths the read rule refuses are not looked at (execute then says why)."""
+        try:
+            dataset, mask, exclude = read_inputs(dataset_dir, mask_dir, exclude_list)
+        except (ValueError, OSError) as e:
+            return f"unusable:{type(e).__name__}:{dataset_dir!r}:{mask_dir!r}:{exclude_list!r}"
         h = hashlib.sha256()
-        if exclude_list and os.path.isfile(exclude_list):
-            st = os.stat(exclude_list)
-            h.update(f"{exclude_list}:{st.st_size}:{st.st_mtime_ns}".encode())
-        for d, subdirs, names in (w for root in (dataset_dir, (mask_dir or "").strip()) if root
-                                  for w in os.walk(root)):
+        if exclude is not None:
+            st = os.stat(exclude)
+            h.update(f"{exclude}:{st.st_size}:{st.st_mtime_ns}".encode())
+        for d, subdirs, names in (w for root in (dataset, mask) if root for w in os.walk(root)):
             subdirs.sort()
             for n in sorted(names):
+                if n == LOCK_NAME:  # rewritten by every caption/score run, whether or not files changed
+                    continue
                 try:
                     st = os.stat(os.path.join(d, n))
                     h.update(f"{d}/{n}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -162,21 +184,18 @@ class OboroCacheLatents(io.ComfyNode):
         if policy != "stage2_area" and (size % ratio or (height or size) % ratio):
             raise ValueError(f"{policy}: size {size}x{height or size} must be a multiple of the VAE's "
                              f"downscale factor {ratio}")
-        exclude = None
-        if (exclude_list or "").strip():
-            if not os.path.isfile(exclude_list):
-                raise FileNotFoundError(f"exclude_list {exclude_list!r}: no such file (OboroDedupDataset writes it)")
-            exclude = read_exclusions(exclude_list)
+        folder = cache_folder(cache_name)
+        dataset_dir, mask_dir, exclude_list = read_inputs(dataset_dir, mask_dir, exclude_list)
+        exclude = read_exclusions(exclude_list) if exclude_list is not None else None
         dataset = OboroDataset(dataset_dir, policy=policy, size=(size, height or size), area=area,
                                score_column=(score_column or "").strip() or None, seed=seed, exclude=exclude)
         if len(dataset) == 0:
             raise ValueError(f"{dataset_dir}: no usable image-caption pairs; skipped: "
                              + json.dumps(dataset.report[:20], ensure_ascii=False))
         masks = None
-        if (mask_dir or "").strip() or alpha_mask:
+        if mask_dir is not None or alpha_mask:
             from ..oboro_model.data.masks import LossMasked
-            dataset = masks = LossMasked(dataset, (mask_dir or "").strip() or None, alpha_mask)
-        folder = cache_folder(cache_name)
+            dataset = masks = LossMasked(dataset, mask_dir, alpha_mask)
         settings = {"vae": type(vae.first_stage_model).__name__, "vae_hash": fingerprint(vae.first_stage_model),
                     "t5": type(clip.cond_stage_model).__name__, "max_tokens": int(max_tokens),
                     "t5_hash": fingerprint(clip.cond_stage_model, lora_patches(clip))}
@@ -186,7 +205,8 @@ class OboroCacheLatents(io.ComfyNode):
         # their MODEL's latent_format; scripts/oboro-train applies it from the manifest).
         transform = default_latent_transform(int(vae.latent_channels))
         report = build_cache(dataset, folder, vae_encoder(vae), clip_encoder(clip, max_tokens, stats), settings,
-                             progress=lambda done, total: pbar.update_absolute(done, total), transform=transform)
+                             progress=lambda done, total: pbar.update_absolute(done, total), transform=transform,
+                             what=f"OboroCacheLatents of {dataset_dir}")
         summary = {"cache_dir": str(folder), "items": report["items"], "encoded": report["encoded"],
                    "reused": report["reused"], "skipped_count": len(report["skipped"]),
                    "captions_truncated": stats["truncated"], "buckets": [list(b) for b in dataset.buckets],

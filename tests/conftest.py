@@ -22,6 +22,21 @@ oboro_env.import_oboro()
 from tiny import MODEL_KINDS, save_shipped_models  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def read_roots_for_tests(tmp_path_factory):
+    """Graphs in tests read datasets and caches from pytest's temp folders, which a real server
+    would not let them read (nodes/paths.py confine_read): allow the session's temp root, as an admin
+    would with OBORO_READ_ROOTS. Servers started by tests inherit it. Tests of the refusal itself
+    remove it (tests/test_read_confinement.py)."""
+    old = os.environ.get("OBORO_READ_ROOTS")
+    os.environ["OBORO_READ_ROOTS"] = os.pathsep.join(filter(None, (old, str(tmp_path_factory.getbasetemp()))))
+    yield
+    if old is None:
+        os.environ.pop("OBORO_READ_ROOTS", None)
+    else:
+        os.environ["OBORO_READ_ROOTS"] = old
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run far faster on one thread than on two contended ones (6x seen here)."""

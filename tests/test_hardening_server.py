@@ -103,7 +103,8 @@ def test_dataset_prep_writes_only_inside_the_servers_folders(server, tmp_path):
     mine = images(server.root / "input" / "my_dataset")
     entry = submit(server, score("my_dataset"))  # a plain name: a folder in the server's input/
     assert entry["status"]["status_str"] == "success", entry["status"]
-    assert sorted(p.name for p in mine.iterdir()) == ["metadata.jsonl", "p0.png", "p1.png"]
+    # .oboro.lock: the folder lock's marker (oboro_model/folder_lock.py), hidden from dataset readers
+    assert sorted(p.name for p in mine.iterdir()) == [".oboro.lock", "metadata.jsonl", "p0.png", "p1.png"]
     rows = [json.loads(line) for line in (mine / "metadata.jsonl").read_text().splitlines()]
     assert sorted(r["file_name"] for r in rows) == ["p0.png", "p1.png"]
     assert tree_hash(tmp_path) == before

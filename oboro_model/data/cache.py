@@ -27,7 +27,10 @@ manifest; the rest keep their shard, or are copied into new shards when fewer th
 old shard's items are still used. New shards get unused numbers, every file is written to a
 temporary name then os.replace'd (oboro_model/atomic.py), the manifest last, and shards no longer
 used are deleted after it: an interrupted build leaves the previous cache intact. Only files the
-old manifest or this folder's build journal name are ever deleted (cache_files.py). Latents are
+old manifest or this folder's build journal name are ever deleted (cache_files.py). One build per
+folder at a time: a build holds the folder's lock (folder_lock.py) from reading the old manifest to
+deleting unused shards, so a second build of the same folder (another prompt, process or server)
+fails at once with FolderBusy, naming the folder and the holder, and changes nothing. Latents are
 stored exactly as the encoder returned them (for a ComfyUI VAE: raw VAE.encode output, before latent_format.process_in).
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 from safetensors import safe_open
 
 from ..atomic import atomic_write, save_safetensors
+from ..folder_lock import folder_lock
 from .cache_check import check_items, shard_error
 from .cache_files import check_cache_folder, journal_names, note_shard, remove_unused
 
@@ -250,19 +254,31 @@ def _write_empty_prompt(folder: Path, encode_text: Callable, previous: Optional[
 def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, settings: dict,
                 shard_size: int = 256, batch_size: int = 8,
                 progress: Optional[Callable[[int, int], None]] = None,
-                transform: Optional[dict] = None) -> dict:
+                transform: Optional[dict] = None, what: Optional[str] = None) -> dict:
     """Encode `dataset` (an OboroDataset, or anything with source(i), settings(), __getitem__)
     into `folder`. encode_image(pixels [B,3,H,W] in [0,1]) -> latents [B,C,h,w];
     encode_text(list of captions) -> (hidden states, masks), each a [B,...] tensor or a list of
     per-caption [L,D] / [L] tensors (a leading 1 is squeezed); it also encodes "" once, stored as
     the empty prompt. `settings` (JSON-serialisable) name the encoders. `transform`
     (latent_transform(...)) records the latent format the latents are meant for (default: oboro's
-    rule for their channel count). Returns {"encoded", "reused", "skipped": [{file, reason}],
-    "items", "folder"}."""
+    rule for their channel count). `what` names this build in the folder lock (who holds it, for
+    the error a concurrent build gets). Returns {"encoded", "reused", "skipped": [{file, reason}],
+    "items", "folder"}.
+    Raises folder_lock.FolderBusy, changing nothing, while another build holds the folder."""
     folder = Path(folder)
-    prev = read_manifest(folder)
-    check_cache_folder(folder, prev, MANIFEST)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_cache_folder(folder, read_manifest(folder), MANIFEST)  # before the lock adds its marker file
+    root = getattr(dataset, "root", None)
+    with folder_lock(folder, what or f"latent cache build{f' of {root}' if root else ''}"):
+        # read (and check) again under the lock: another build may have finished in between
+        prev = read_manifest(folder)
+        check_cache_folder(folder, prev, MANIFEST)
+        return _build(dataset, folder, prev, encode_image, encode_text, settings, shard_size, batch_size,
+                      progress, transform)
+
+
+def _build(dataset, folder: Path, prev: Optional[dict], encode_image, encode_text, settings, shard_size,
+           batch_size, progress, transform) -> dict:
+    """build_cache's body, run while holding the folder's lock."""
     base = {**dataset.settings(), **settings}
     old, totals = _valid_old_items(folder, prev)
     existing = [int(m.group(1)) for p in folder.iterdir() if (m := SHARD_RE.match(p.name))]

@@ -6,13 +6,16 @@ new one no longer uses, and (2) shards (and their temp files) an earlier build o
 but never got into a manifest (killed, or failed midway): every shard name is appended to the
 journal `build.journal` BEFORE its file is written, and the journal is removed once a manifest
 covers the build. A non-empty folder that holds neither a cache manifest nor a journal is not a
-cache; building into it is refused rather than overwriting its manifest.json.
+cache; building into it is refused rather than overwriting its manifest.json. The folder lock's
+marker file (folder_lock.LOCK_NAME, left by every build) does not make a folder non-empty.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Iterable, Optional
+
+from ..folder_lock import LOCK_NAME
 
 JOURNAL = "build.journal"
 
@@ -21,7 +24,7 @@ def check_cache_folder(folder: Path, manifest: Optional[dict], manifest_name: st
     """Refuse a folder that is neither new/empty, nor an oboro cache, nor an interrupted build."""
     if not folder.is_dir() or manifest is not None or (folder / JOURNAL).is_file():
         return
-    if any(folder.iterdir()):
+    if any(p.name != LOCK_NAME for p in folder.iterdir()):
         present = "a " + manifest_name + " of another format" if (folder / manifest_name).exists() else "other files"
         raise ValueError(f"{folder}: not an oboro latent cache (it holds {present}) and not empty; refusing to "
                          "write into it. Pick a new cache name, or empty that folder.")
