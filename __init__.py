@@ -4,6 +4,8 @@ The node modules import ComfyUI, so they load lazily here: importing this packag
 training scripts) pulls in only the pure-PyTorch core.
 """
 
+WEB_DIRECTORY = "./web"  # node help pages (web/docs/<Node>.md, <Node>/ja.md); translations: locales/
+
 
 async def comfy_entrypoint():
     from .nodes import OboroExtension

@@ -38,7 +38,8 @@ from ..oboro_model.training.seeding import seeded_rng
 from .mask_control import FOLDER, IMAGE_RANK, MaskAdapter, MaskAdapterIO, _oboro_dm, parse_palette
 from .training_inputs import PRECISION
 from .training_preview import encode_plain, loss_curve_image
-from .training_run import STATE_ROOT, NodeHooks, _inside, interrupted_text, open_node_cache, plain_weights, send_text
+from .paths import confine_read
+from .training_run import STATE_ROOT, read_path, NodeHooks, _inside, interrupted_text, open_node_cache, plain_weights, send_text
 
 log = logging.getLogger("oboro")
 
@@ -116,7 +117,13 @@ class OboroTrainMaskAdapter(io.ComfyNode):
         stem = output_name.strip().removesuffix(".safetensors")
         target = _inside(folder_paths.get_folder_paths(FOLDER)[0], stem + ".safetensors")
         state_dir = _inside(Path(folder_paths.get_output_directory()) / STATE_ROOT, stem + "_mask")
-        cache, root = open_node_cache(cache_dir, model.model.latent_format, node), Path(mask_dir or "")
+        if not (cache_dir or "").strip():
+            raise ValueError(f"{node}: cache_dir is empty; connect oboro Cache Latents' cache_dir output")
+        cache_dir = read_path(cache_dir, "cache_dir")
+        root = confine_read(mask_dir, "mask_dir", expect="dir")
+        if (resume_from or "").strip() not in ("", "latest"):
+            resume_from = read_path(resume_from.strip(), "resume_from", STATE_ROOT, expect=None)
+        cache = open_node_cache(cache_dir, model.model.latent_format, node)
         pal = parse_palette(palette) if (palette or "").strip() else None
         if len(cache) == 0 or not root.is_dir():
             raise ValueError(f"{node}: need a non-empty latent cache ({len(cache)} items in {cache_dir}) and a mask "

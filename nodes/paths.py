@@ -22,11 +22,12 @@ A NUL byte in any path input is refused with the input named (Python's own error
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Optional
 
 import folder_paths
+
+from ..oboro_model.naming import free_target  # noqa: F401  (the nodes' next-free names)
 
 ALLOWED_ENV = "OBORO_ALLOWED_ROOTS"
 READ_ENV = "OBORO_READ_ROOTS"
@@ -119,17 +120,3 @@ def confine(root, name: str, what: str, kind: Optional[str] = None, absolute_ok:
     if not path.is_relative_to(root) or path == root:
         raise ValueError(f"{what} {name!r} leaves {root}; use a plain name (or sub/path) inside it")
     return path
-
-
-def free_target(path: Path, overwrite: bool) -> Path:
-    """`path`, or when it exists and `overwrite` is off, the next free `<stem>_NNNNN_<suffix>` beside
-    it (the numbering of core savers), so an existing model is never replaced silently."""
-    path = Path(path)
-    if overwrite or not path.exists():
-        return path
-    pat = re.compile(re.escape(path.stem) + r"_(\d{5,})_" + re.escape(path.suffix) + "$")
-    taken = [int(m.group(1)) for p in path.parent.iterdir() if (m := pat.match(p.name))]
-    n = max(taken, default=0) + 1
-    while (cand := path.with_name(f"{path.stem}_{n:05d}_{path.suffix}")).exists():
-        n += 1
-    return cand

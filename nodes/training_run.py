@@ -31,7 +31,7 @@ from ..oboro_model.training.seeding import seeded_rng
 from ..oboro_model.training.swap import exported_weights
 from ..oboro_model.training.tracking import Tracker
 from . import training_inputs as table
-from .paths import confine
+from .paths import confine, confine_read
 from .training_preview import Previews, black_image, encode_plain
 
 log = logging.getLogger("oboro")
@@ -106,9 +106,10 @@ def plain_weights(model, device, lora: bool = False) -> tuple[dict, dict]:
         return weights, {}
 
 
-def cache_path(p: str) -> str:
-    path = Path(p).expanduser()
-    return str(path if path.is_absolute() else Path(folder_paths.get_output_directory()) / "oboro_cache" / path)
+def read_path(value: str, what: str, root: str = "oboro_cache", expect: str = "dir") -> str:
+    """A path the graph names for reading, confined (paths.confine_read); plain names are looked up
+    in output/<root> (the caches' and training states' own folder)."""
+    return str(confine_read(value, what, base=Path(folder_paths.get_output_directory()) / root, expect=expect))
 
 
 def run_spec(kind: str, node: str, v: dict) -> RunSpec:
@@ -122,14 +123,20 @@ def run_spec(kind: str, node: str, v: dict) -> RunSpec:
     cfg.update(precision=table.PRECISION[v["precision"]], clip_grad_norm=v["clip_grad_norm"] or None,
                ema_decay=v["ema_decay"] or None, masked_loss=bool(v["masked_loss"]))
     lora = LoraSpec(v["rank"], v["alpha"], v["dropout"], v["targets"], adapter=v["adapter"]) if kind == "lora" else None
-    sources = [DataSource(v["cache_dir"])] + [DataSource(cache_path(s.path), s.weight, s.repeats)
-                                              for s in parse_source_lines(v["extra_caches"] or "", node)]
+    sources = [DataSource(read_path(v["cache_dir"], "cache_dir"))] + [
+        DataSource(read_path(s.path, "extra_caches"), s.weight, s.repeats)
+        for s in parse_source_lines(v["extra_caches"] or "", node)]
     if (v["reg_cache"] or "").strip():
-        sources.append(DataSource(cache_path(v["reg_cache"].strip()), loss_weight=float(v["reg_weight"]), reg=True))
+        sources.append(DataSource(read_path(v["reg_cache"].strip(), "reg_cache"), loss_weight=float(v["reg_weight"]),
+                                  reg=True))
+    val = (v["validation_cache_dir"] or "").strip()
+    resume = (v["resume_from"] or "").strip()
+    if resume not in ("", "latest"):
+        resume = read_path(resume, "resume_from", STATE_ROOT, expect=None)
     export = ExportSpec(str(target.parent), target.stem, kind, bool(v["overwrite"]),
                         v.get("save_dtype") if kind == "full" else None)
     return RunSpec(TrainConfig(**cfg), str(state_dir), tuple(sources), lora,
-                   (v["validation_cache_dir"] or "").strip() or None, v["resume_from"], export, samples=0, what=node)
+                   read_path(val, "validation_cache_dir") if val else None, resume, export, samples=0, what=node)
 
 
 class NodeHooks(RunHooks):
@@ -197,9 +204,11 @@ def run_node(kind: str, node: str, model, inputs: dict):
         raise ValueError(f"{node} trains oboro models: connect a MODEL from oboro Load Model, got {type(dm).__name__}")
     v = table.values(kind, inputs, legacy=inputs.pop("_legacy", False))
     clip, vae = inputs.get("clip"), inputs.get("vae")
+    if not (v["cache_dir"] or "").strip():
+        raise ValueError(f"{node}: cache_dir is empty; connect oboro Cache Latents' cache_dir output")
     spec = run_spec(kind, node, v)
     config, fmt = dm.config, model.model.latent_format
-    first = open_node_cache(v["cache_dir"], fmt, node)
+    first = open_node_cache(spec.sources[0].path, fmt, node)
     device = mm.get_torch_device()
     amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.config.precision]
     pv, render = preview_setup(v, clip, vae, fmt, {**first[0], "max_tokens": first.settings.get("max_tokens", 256)},

@@ -219,39 +219,68 @@ def test_interrupt_leaves_resumable_state(comfy, setup):
     assert (comfy.models / "loras" / "tn_int.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", ["oboro_lora_training", "oboro_full_finetune"])
-def test_training_workflow_twins(comfy, name):
+LEGACY = REPO / "tests" / "fixtures" / "legacy_workflows"  # the all-in-one node face, as saved before
+TEMPLATES = [(REPO / "example_workflows", "oboro_lora_training"), (REPO / "example_workflows", "oboro_full_finetune"),
+             (LEGACY, "oboro_lora_training"), (LEGACY, "oboro_full_finetune"), (LEGACY, "oboro_lora_training_studio")]
+
+
+@pytest.mark.parametrize("folder,name", TEMPLATES[:4])
+def test_training_workflow_twins(comfy, folder, name):
     from oboro.runner import convert
-    ui = convert.load(REPO / "example_workflows" / f"{name}.json")
-    api = convert.load(REPO / "workflows_api" / f"{name}.api.json")
+    ui = convert.load(folder / f"{name}.json")
+    api_dir = REPO / "workflows_api" if folder != LEGACY else LEGACY
+    api = convert.load(api_dir / f"{name}.api.json")
     assert convert.is_ui(ui) and ui["version"] == 0.4 and not convert.is_ui(api)
     assert convert.to_api(ui, convert.local_node_defs()) == api
-    kind = "OboroTrainLoRA" if "lora" in name else "OboroTrainFull"
-    assert [n["class_type"] for n in api.values()].count(kind) == 1
+    kinds = ("OboroTrainLoRA", "OboroTrainFull") if folder == LEGACY else ("OboroLoRATrainer", "OboroFullTrainer")
+    assert [n["class_type"] for n in api.values()].count(kinds[0] if "lora" in name else kinds[1]) == 1
 
 
-@pytest.mark.parametrize("name", ["oboro_lora_training", "oboro_full_finetune"])
-def test_training_workflow_runs(comfy, setup, model_root, name):
-    """The shipped workflow as is (16-channel FLUX-VAE model, previews decoded by the VAE), only
-    made small: a 64x64 bucket, two steps, fp32."""
+def run_template(comfy, setup, model_root, folder, name, out_name):
+    """A training template as is (16-channel FLUX-VAE model, previews decoded by the VAE), only made
+    small: a 64x64 bucket, two steps, fp32. Settings go to the trainer or its options node."""
     import folder_paths
     from oboro.runner import convert
     kinds = ("diffusion_models", "text_encoders", "vae")
     for kind in kinds:  # appended: the fixture's folders stay first
         folder_paths.add_model_folder_path(kind, str(model_root / kind))
     try:
-        api = convert.to_api(convert.load(REPO / "example_workflows" / f"{name}.json"), convert.local_node_defs())
+        api = convert.to_api(convert.load(folder / f"{name}.json"), convert.local_node_defs())
         api["4"]["inputs"].update(dataset_dir=setup.data, area=64 * 64, cache_name=f"{SUB}_flux")
-        out_name = f"tn_wf_{name}"
-        api["5"]["inputs"].update(steps=2, batch_size=2, precision="fp32", warmup=0, preview_every=2, preview_steps=2,
-                                  checkpoint_every=0, output_name=out_name)
-        res = comfy.run(api)
+        small = dict(steps=2, batch_size=2, precision="fp32", warmup=0, preview_every=2, preview_steps=2,
+                     checkpoint_every=0, output_name=out_name)
+        for key, value in small.items():
+            (api["9"] if "9" in api and key in api["9"]["inputs"] else api["5"])["inputs"][key] = value
+        return comfy.run(api)
     finally:  # leave the session's model folders as they were
         for kind in kinds:
             folder_paths.folder_names_and_paths[kind][0].remove(str(model_root / kind))
             folder_paths.filename_list_cache.pop(kind, None)
-    folder = "loras" if "lora" in name else "diffusion_models"
-    assert (comfy.models / folder / f"{out_name}.safetensors").is_file()
+
+
+@pytest.mark.parametrize("folder,name", TEMPLATES)
+def test_training_workflow_runs(comfy, setup, model_root, folder, name):
+    out_name = f"tn_wf_{folder.name}_{name}"
+    res = run_template(comfy, setup, model_root, folder, name, out_name)
+    kind = "loras" if "lora" in name else "diffusion_models"
+    assert (comfy.models / kind / f"{out_name}.safetensors").is_file()
     assert len(saved(comfy, res, "6")) == 1
     prev, = saved(comfy, res, "7")
     assert Image.open(prev).size == (128, 64)  # 2 prompts side by side, decoded from 8x8 FLUX latents
+    if name == "oboro_lora_training_studio":
+        s = json.loads(res["outputs"]["5"]["text"][0])
+        assert s["best_step"] in (1, 2) and s["items"] == 3  # validation split on, EMA exported
+
+
+@pytest.mark.parametrize("name", ["oboro_lora_training", "oboro_full_finetune"])
+def test_saved_workflows_train_to_the_same_result_as_the_templates(comfy, setup, model_root, name):
+    """A workflow saved with the old all-in-one node trains to the same weights as today's template."""
+    kind = "loras" if "lora" in name else "diffusion_models"
+    for folder in (REPO / "example_workflows", LEGACY):
+        path = comfy.models / kind / f"tn_wf_{folder.name}_{name}.safetensors"
+        if not path.is_file():
+            run_template(comfy, setup, model_root, folder, name, path.stem)
+    new = load_file(str(comfy.models / kind / f"tn_wf_example_workflows_{name}.safetensors"))
+    old = load_file(str(comfy.models / kind / f"tn_wf_legacy_workflows_{name}.safetensors"))
+    assert new.keys() == old.keys()
+    assert max((new[k].float() - old[k].float()).abs().max().item() for k in new) <= 1e-6
