@@ -146,14 +146,14 @@ class NodeHooks(RunHooks):
         super().__init__(should_stop=self.interrupted, say=self.tell, **kw)
         self.node, self.steps, self.every, self.previews, self.render = node, steps, preview_every, previews, render
         self.pbar, self.said, self.t0, self.first = comfy.utils.ProgressBar(steps), 0.0, time.time(), None
-        self.on_step = self.step
+        self.on_step, self.cancelled = self.step, False
 
     def tell(self, text: str) -> None:
         log.info("%s: %s", self.node, text)
         send_text(text)
 
     def interrupted(self) -> bool:
-        return mm.processing_interrupted()
+        return self.cancelled or mm.processing_interrupted()
 
     def step(self, trainer, step, loss, lr, rate) -> None:
         if self.first is None:
@@ -168,7 +168,10 @@ class NodeHooks(RunHooks):
             self.said = time.time()
             log.info("%s: %s", self.node, text)
             send_text(text)
-        self.pbar.update_absolute(step, self.steps, ("JPEG", image, 512) if image is not None else None)
+        try:  # ComfyUI's progress hook raises on Cancel: run() then saves the state and says so
+            self.pbar.update_absolute(step, self.steps, ("JPEG", image, 512) if image is not None else None)
+        except mm.InterruptProcessingException:
+            self.cancelled = True
 
 
 def preview_setup(v: dict, clip, vae, latent_format, cache_first, node: str, net_ref: dict, device, amp):
