@@ -29,6 +29,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..samplers.ode import SOLVERS, sigma_grid, solve
+from .finite import check_numbers, number_errors
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 SIZE_MULTIPLE = 16      # FLUX VAE downsampling 8 x DiT patch 2
@@ -120,10 +121,15 @@ class OboroSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, cfg=5.0, shift=1.0, denoise=1.0):
+        """NaN passes ComfyUI's min/max check (comparisons are False): finite and in range, checked
+        here for the FLOAT inputs (this replaces core's range check for exactly these names)."""
+        return number_errors(cls, cfg=cfg, shift=shift, denoise=denoise) or True
+
+    @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, solver, shift,
                 denoise) -> io.NodeOutput:
-        if not math.isfinite(cfg):  # NaN passes ComfyUI's min/max check (comparisons are False)
-            raise ValueError(f"OboroSampler: cfg must be a finite number, got {cfg}")
+        check_numbers(cls, steps=steps, cfg=cfg, shift=shift, denoise=denoise)  # linked values too
         latent = latent_image
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         out = latent.copy()
@@ -159,7 +165,12 @@ class OboroFlowScheduler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, shift=1.0, denoise=1.0):
+        return number_errors(cls, shift=shift, denoise=denoise) or True
+
+    @classmethod
     def execute(cls, model, steps, shift, denoise) -> io.NodeOutput:
+        check_numbers(cls, steps=steps, shift=shift, denoise=denoise)
         check_flow_model(model, "OboroFlowScheduler")
         return io.NodeOutput(flow_sigmas(steps, shift, denoise))
 

@@ -30,6 +30,11 @@ log = logging.getLogger("oboro")
 PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.")
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".pickle"}
 T5_TOKENIZER_VOCAB = 32100  # sentencepiece pieces + 100 sentinels; the embedding is padded to 32128
+# OboroTextEncode's token budget. T5 v1.1 was trained on 512-token inputs (as Flux's t5xxl budget) and
+# its encoder attention grows with the square of the length: 8192 tokens took 20 s on the 2-layer
+# test T5 and would need ~17 GB per attention map in T5-XXL. Prompts are truncated by tokens before
+# encoding, so any prompt length costs at most this many tokens.
+MAX_TOKENS = 512
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -205,16 +210,20 @@ class OboroTextEncode(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip"),
                 io.String.Input("text", multiline=True, dynamic_prompts=True),
-                io.Int.Input("max_tokens", default=256, min=1, max=8192, optional=True,
-                             tooltip="Most T5 tokens kept, end-of-sequence token included. Longer prompts "
-                                     "are cut at the end (a warning says how many tokens were dropped). "
-                                     "Longer conditioning costs attention time in every sampling step."),
+                io.Int.Input("max_tokens", default=256, min=1, max=MAX_TOKENS, optional=True,
+                             tooltip="Most T5 tokens kept, end-of-sequence token included (at most 512, "
+                                     "T5's training length). Longer prompts are cut at the end before "
+                                     "encoding (a warning says how many tokens were dropped). Longer "
+                                     "conditioning costs attention time in every sampling step."),
             ],
             outputs=[io.Conditioning.Output()],
         )
 
     @classmethod
     def execute(cls, clip, text, max_tokens=256) -> io.NodeOutput:
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS:  # a linked value
+            raise ValueError(f"OboroTextEncode: max_tokens must be a whole number in 1..{MAX_TOKENS}, "
+                             f"got {max_tokens!r}")
         conds, dropped = encode_text(clip, text, max_tokens)
         if dropped:
             log.warning("OboroTextEncode: prompt is longer than max_tokens=%d; dropped its last %d tokens "
