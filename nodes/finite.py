@@ -1,10 +1,12 @@
 """Non-finite numbers, caught where they enter instead of as a black image at the end.
 
 1. Node inputs: NaN passes ComfyUI's min/max check (every comparison with NaN is False), so a
-   FLOAT input of NaN used to reach the sampler. `number_errors` checks the values of a node's
-   INT / FLOAT inputs against its own schema (finite, within min..max) and says which input, what
-   value and what range; nodes call it from validate_inputs (ComfyUI's validator and
-   `oboro-run --check`) and again in execute (linked values are only known there).
+   FLOAT input of NaN used to reach the sampler; and ComfyUI 0.3.x checks a combo's value against
+   its options only for V1 nodes (a list type), not for V3 io.Combo inputs. `input_errors` checks
+   a node's INT / FLOAT values against its own schema (finite, within min..max) and COMBO values
+   against its options, and says which input, what value and what is allowed; nodes call it from
+   validate_inputs (ComfyUI's validator, `oboro-run --check`) and again in execute (linked values
+   are only known there).
 2. Sampling: every MODEL load_oboro_model returns carries two ModelPatcher wrappers (key
    GUARD_KEY; clones keep them, nothing on the model is replaced). OUTER_SAMPLE refuses a guider
    whose cfg is not finite (core KSampler, SamplerCustom, CFGGuider... all land here) and
@@ -45,19 +47,33 @@ def number_error(name: str, value, inp) -> str | None:
     return None
 
 
-def number_errors(node_cls, **values) -> str | None:
-    """The first number_error of `values` against node_cls's schema inputs of the same names."""
+def combo_error(name: str, value, inp) -> str | None:
+    options = list(getattr(inp, "options", None) or [])
+    if isinstance(value, str) and value in options:
+        return None
+    shown = options if len(options) <= 20 else f"{len(options)} options, e.g. {options[:3]}"
+    return f"{name} {str(value)[:120]!r} is not one of {shown}"
+
+
+def input_error(name: str, value, inp) -> str | None:
+    if inp.get_io_type() == "COMBO":
+        return combo_error(name, value, inp)
+    return number_error(name, value, inp)
+
+
+def input_errors(node_cls, **values) -> str | None:
+    """The first input_error of `values` against node_cls's schema inputs of the same names."""
     schema = node_cls.define_schema()
     inputs = {i.id: i for i in schema.inputs}
     for name, value in values.items():
-        if value is not None and name in inputs and (err := number_error(name, value, inputs[name])):
+        if name in inputs and (err := input_error(name, value, inputs[name])):
             return f"{schema.node_id}: {err}"
     return None
 
 
-def check_numbers(node_cls, **values) -> None:
-    """number_errors as an exception (for execute)."""
-    if err := number_errors(node_cls, **values):
+def check_inputs(node_cls, **values) -> None:
+    """input_errors as an exception (for execute)."""
+    if err := input_errors(node_cls, **values):
         raise ValueError(err)
 
 

@@ -29,7 +29,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..samplers.ode import SOLVERS, sigma_grid, solve
-from .finite import check_numbers, number_errors
+from .finite import check_inputs, input_errors
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 SIZE_MULTIPLE = 16      # FLUX VAE downsampling 8 x DiT patch 2
@@ -121,15 +121,16 @@ class OboroSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg=5.0, shift=1.0, denoise=1.0):
-        """NaN passes ComfyUI's min/max check (comparisons are False): finite and in range, checked
-        here for the FLOAT inputs (this replaces core's range check for exactly these names)."""
-        return number_errors(cls, cfg=cfg, shift=shift, denoise=denoise) or True
+    def validate_inputs(cls, cfg=5.0, shift=1.0, denoise=1.0, solver="euler"):
+        """NaN passes ComfyUI's min/max check (comparisons are False) and V3 combos are not checked
+        at all: finite and in range / one of the options, checked here (this replaces core's range
+        check for exactly these names)."""
+        return input_errors(cls, cfg=cfg, shift=shift, denoise=denoise, solver=solver) or True
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, solver, shift,
                 denoise) -> io.NodeOutput:
-        check_numbers(cls, steps=steps, cfg=cfg, shift=shift, denoise=denoise)  # linked values too
+        check_inputs(cls, steps=steps, cfg=cfg, shift=shift, denoise=denoise, solver=solver)  # linked values too
         latent = latent_image
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         out = latent.copy()
@@ -166,11 +167,11 @@ class OboroFlowScheduler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, shift=1.0, denoise=1.0):
-        return number_errors(cls, shift=shift, denoise=denoise) or True
+        return input_errors(cls, shift=shift, denoise=denoise) or True
 
     @classmethod
     def execute(cls, model, steps, shift, denoise) -> io.NodeOutput:
-        check_numbers(cls, steps=steps, shift=shift, denoise=denoise)
+        check_inputs(cls, steps=steps, shift=shift, denoise=denoise)
         check_flow_model(model, "OboroFlowScheduler")
         return io.NodeOutput(flow_sigmas(steps, shift, denoise))
 
@@ -188,7 +189,12 @@ class SamplerOboroICFM(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, solver="euler"):
+        return input_errors(cls, solver=solver) or True
+
+    @classmethod
     def execute(cls, solver) -> io.NodeOutput:
+        check_inputs(cls, solver=solver)
         return io.NodeOutput(icfm_sampler(solver))
 
 
@@ -222,18 +228,17 @@ class EmptyOboroLatentImage(io.ComfyNode):
         return None
 
     @classmethod
-    def validate_inputs(cls, width=SIZE_MULTIPLE, height=SIZE_MULTIPLE):
+    def validate_inputs(cls, width=SIZE_MULTIPLE, height=SIZE_MULTIPLE, channels="16 (FLUX VAE)"):
         """Lets ComfyUI's validator (and `oboro-run --check`) reject a bad size before running. It
         replaces ComfyUI's min/max check for exactly the inputs named here (no **kwargs: that
         would switch the range checks of all inputs off), so the range is checked here too."""
-        return cls.size_error(width, height) or True
+        return input_errors(cls, width=width, height=height, channels=channels) or cls.size_error(width, height) or True
 
     @classmethod
     def execute(cls, width, height, batch_size=1, channels="16 (FLUX VAE)") -> io.NodeOutput:
+        check_inputs(cls, width=width, height=height, batch_size=batch_size, channels=channels)
         if err := cls.size_error(width, height):
             raise ValueError(err)
-        if channels not in CHANNELS:
-            raise ValueError(f"channels must be one of {list(CHANNELS)}, got {channels!r}")
         c = CHANNELS[channels]
         scale = 8 if c == 16 else 1
         shape, device = [batch_size, c, height // scale, width // scale], comfy.model_management.intermediate_device()

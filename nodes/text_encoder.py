@@ -24,6 +24,7 @@ from comfy.text_encoders.pixart_t5 import PixArtTokenizer
 from comfy_api.latest import io
 
 from .comfy_model import WEIGHT_DTYPES
+from .finite import check_inputs, input_errors
 
 log = logging.getLogger("oboro")
 
@@ -193,7 +194,13 @@ class OboroT5Loader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, t5_name="", weight_dtype="default"):
+        """ComfyUI 0.3.x checks combo values only for V1 nodes: a name not in the list is refused here."""
+        return input_errors(cls, t5_name=t5_name, weight_dtype=weight_dtype) or True
+
+    @classmethod
     def execute(cls, t5_name, weight_dtype="default") -> io.NodeOutput:
+        check_inputs(cls, t5_name=t5_name, weight_dtype=weight_dtype)
         path = folder_paths.get_full_path_or_raise("text_encoders", t5_name)
         return io.NodeOutput(load_t5(path, WEIGHT_DTYPES[weight_dtype]))
 
@@ -221,9 +228,9 @@ class OboroTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, text, max_tokens=256) -> io.NodeOutput:
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS:  # a linked value
-            raise ValueError(f"OboroTextEncode: max_tokens must be a whole number in 1..{MAX_TOKENS}, "
-                             f"got {max_tokens!r}")
+        check_inputs(cls, max_tokens=max_tokens)  # a linked value is only checked here
+        if not isinstance(text, str):
+            raise ValueError(f"OboroTextEncode: text must be a string, got {type(text).__name__}")
         conds, dropped = encode_text(clip, text, max_tokens)
         if dropped:
             log.warning("OboroTextEncode: prompt is longer than max_tokens=%d; dropped its last %d tokens "

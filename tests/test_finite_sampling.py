@@ -146,7 +146,7 @@ def test_text_encoder_token_budget_is_bounded_and_long_prompts_cost_the_budget(c
     text = " ".join(["a red circle on blue with stars"] * 1430)  # 10k words
     cond = n["OboroTextEncode"].execute(clip=clip, text=text, max_tokens=512)[0]
     assert cond[0][0].shape[1] == 512 and cond[0][1]["attention_mask"].shape == (1, 512)
-    with pytest.raises(ValueError, match=r"max_tokens must be a whole number in 1..512, got 100000"):
+    with pytest.raises(ValueError, match=r"OboroTextEncode: max_tokens 100000 is outside the allowed range 1..512"):
         n["OboroTextEncode"].execute(clip=clip, text="x", max_tokens=100000)
 
 
