@@ -37,13 +37,15 @@ def number_error(name: str, value, inp) -> str | None:
     kind = "INT" if inp.get_io_type() == "INT" else "FLOAT"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"{name} must be a number ({kind}), got {type(value).__name__} {str(value)[:80]!r}"
-    if not math.isfinite(value):
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):  # an int of any size is finite
         return f"{name} is {value}; give a finite number in {_range(inp)}"
     if kind == "INT" and value != int(value):
         return f"{name} must be a whole number in {_range(inp)}, got {value}"
     lo, hi = getattr(inp, "min", None), getattr(inp, "max", None)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        return f"{name} {value} is outside the allowed range {_range(inp)}"
+        shown = value if isinstance(value, float) or abs(value) < 2**64 else \
+            f"({'a negative' if value < 0 else 'an'} integer of {int(value).bit_length()} bits)"
+        return f"{name} {shown} is outside the allowed range {_range(inp)}"
     return None
 
 

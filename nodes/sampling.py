@@ -232,13 +232,15 @@ class EmptyOboroLatentImage(io.ComfyNode):
         """Lets ComfyUI's validator (and `oboro-run --check`) reject a bad size before running. It
         replaces ComfyUI's min/max check for exactly the inputs named here (no **kwargs: that
         would switch the range checks of all inputs off), so the range is checked here too."""
-        return input_errors(cls, width=width, height=height, channels=channels) or cls.size_error(width, height) or True
+        kinds = input_errors(cls, **{k: v for k, v in (("width", width), ("height", height))
+                                     if isinstance(v, bool) or not isinstance(v, int)})  # not a number at all
+        return kinds or cls.size_error(width, height) or input_errors(cls, channels=channels) or True
 
     @classmethod
     def execute(cls, width, height, batch_size=1, channels="16 (FLUX VAE)") -> io.NodeOutput:
-        check_inputs(cls, width=width, height=height, batch_size=batch_size, channels=channels)
-        if err := cls.size_error(width, height):
+        if (err := cls.validate_inputs(width, height, channels)) is not True:
             raise ValueError(err)
+        check_inputs(cls, batch_size=batch_size)
         c = CHANNELS[channels]
         scale = 8 if c == 16 else 1
         shape, device = [batch_size, c, height // scale, width // scale], comfy.model_management.intermediate_device()
