@@ -25,6 +25,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..oboro_model import MMHDiT, OboroConfig, read_checkpoint
 from ..oboro_model.checkpoint import check_state_dict
+from .finite import guard_non_finite
 
 log = logging.getLogger("oboro")
 
@@ -164,7 +165,8 @@ class OboroSupported(comfy.supported_models_base.BASE):
 def load_oboro_model(path: str, weight_dtype: str = "default", key_map=None) -> comfy.model_patcher.ModelPatcher:
     """Build a ModelPatcher the way comfy.sd.load_diffusion_model_state_dict does for core models
     (scaled-fp8 detection as in comfy.model_detection.model_config_from_unet), except that the
-    weights are assigned rather than copied: see assign_weights."""
+    weights are assigned rather than copied: see assign_weights. The patcher carries the
+    non-finite guards of nodes/finite.py (wrappers; clones keep them)."""
     if weight_dtype not in DIT_WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {list(DIT_WEIGHT_DTYPES)}, got {weight_dtype!r}")
     sd, config, _ = read_checkpoint(path, key_map=key_map)
@@ -191,7 +193,9 @@ def load_oboro_model(path: str, weight_dtype: str = "default", key_map=None) -> 
     assign_weights(model.diffusion_model, sd)
     log.info("oboro: loaded %s (%d layers, heads %s) as %s%s", path, config.depth, list(config.heads), unet_dtype,
              f", scaled {model_config.scaled_fp8}" if marker is not None else "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    guard_non_finite(patcher)  # a non-finite cfg or model output is an error, not a black image (finite.py)
+    return patcher
 
 
 def assign_weights(module: torch.nn.Module, sd: dict) -> None:

@@ -5,6 +5,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from .comfy_model import DIT_WEIGHT_DTYPES, load_oboro_model
+from .finite import check_inputs, input_errors
 
 
 class OboroModelLoader(io.ComfyNode):
@@ -29,6 +30,12 @@ class OboroModelLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name="", weight_dtype="default"):
+        """ComfyUI 0.3.x checks combo values only for V1 nodes: a name not in the list is refused here."""
+        return input_errors(cls, model_name=model_name, weight_dtype=weight_dtype) or True
+
+    @classmethod
     def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
+        check_inputs(cls, model_name=model_name, weight_dtype=weight_dtype)
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         return io.NodeOutput(load_oboro_model(path, weight_dtype))

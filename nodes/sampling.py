@@ -29,6 +29,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..samplers.ode import SOLVERS, sigma_grid, solve
+from .finite import check_inputs, input_errors
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 SIZE_MULTIPLE = 16      # FLUX VAE downsampling 8 x DiT patch 2
@@ -120,10 +121,16 @@ class OboroSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, cfg=5.0, shift=1.0, denoise=1.0, solver="euler"):
+        """NaN passes ComfyUI's min/max check (comparisons are False) and V3 combos are not checked
+        at all: finite and in range / one of the options, checked here (this replaces core's range
+        check for exactly these names)."""
+        return input_errors(cls, cfg=cfg, shift=shift, denoise=denoise, solver=solver) or True
+
+    @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, solver, shift,
                 denoise) -> io.NodeOutput:
-        if not math.isfinite(cfg):  # NaN passes ComfyUI's min/max check (comparisons are False)
-            raise ValueError(f"OboroSampler: cfg must be a finite number, got {cfg}")
+        check_inputs(cls, steps=steps, cfg=cfg, shift=shift, denoise=denoise, solver=solver)  # linked values too
         latent = latent_image
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         out = latent.copy()
@@ -159,7 +166,12 @@ class OboroFlowScheduler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, shift=1.0, denoise=1.0):
+        return input_errors(cls, shift=shift, denoise=denoise) or True
+
+    @classmethod
     def execute(cls, model, steps, shift, denoise) -> io.NodeOutput:
+        check_inputs(cls, steps=steps, shift=shift, denoise=denoise)
         check_flow_model(model, "OboroFlowScheduler")
         return io.NodeOutput(flow_sigmas(steps, shift, denoise))
 
@@ -177,7 +189,12 @@ class SamplerOboroICFM(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, solver="euler"):
+        return input_errors(cls, solver=solver) or True
+
+    @classmethod
     def execute(cls, solver) -> io.NodeOutput:
+        check_inputs(cls, solver=solver)
         return io.NodeOutput(icfm_sampler(solver))
 
 
@@ -211,18 +228,19 @@ class EmptyOboroLatentImage(io.ComfyNode):
         return None
 
     @classmethod
-    def validate_inputs(cls, width=SIZE_MULTIPLE, height=SIZE_MULTIPLE):
+    def validate_inputs(cls, width=SIZE_MULTIPLE, height=SIZE_MULTIPLE, channels="16 (FLUX VAE)"):
         """Lets ComfyUI's validator (and `oboro-run --check`) reject a bad size before running. It
         replaces ComfyUI's min/max check for exactly the inputs named here (no **kwargs: that
         would switch the range checks of all inputs off), so the range is checked here too."""
-        return cls.size_error(width, height) or True
+        kinds = input_errors(cls, **{k: v for k, v in (("width", width), ("height", height))
+                                     if isinstance(v, bool) or not isinstance(v, int)})  # not a number at all
+        return kinds or cls.size_error(width, height) or input_errors(cls, channels=channels) or True
 
     @classmethod
     def execute(cls, width, height, batch_size=1, channels="16 (FLUX VAE)") -> io.NodeOutput:
-        if err := cls.size_error(width, height):
+        if (err := cls.validate_inputs(width, height, channels)) is not True:
             raise ValueError(err)
-        if channels not in CHANNELS:
-            raise ValueError(f"channels must be one of {list(CHANNELS)}, got {channels!r}")
+        check_inputs(cls, batch_size=batch_size)
         c = CHANNELS[channels]
         scale = 8 if c == 16 else 1
         shape, device = [batch_size, c, height // scale, width // scale], comfy.model_management.intermediate_device()

@@ -17,6 +17,7 @@ from comfy_api.latest import io
 
 from ..oboro_model import MMHDiT
 from ..samplers.step_cache import StepCache, StepCacheConfig
+from .finite import check_inputs, input_errors
 
 log = logging.getLogger("oboro")
 KEY = "oboro_taylor_cache"
@@ -101,7 +102,14 @@ class OboroTaylorCache(io.ComfyNode):
             outputs=[io.Model.Output()])
 
     @classmethod
+    def validate_inputs(cls, threshold=0.0, start_percent=0.0, end_percent=1.0):
+        """Finite and in range (NaN passes ComfyUI's own min/max check)."""
+        return input_errors(cls, threshold=threshold, start_percent=start_percent, end_percent=end_percent) or True
+
+    @classmethod
     def execute(cls, model, order, warmup_steps, max_forecasts, threshold, start_percent, end_percent):
+        check_inputs(cls, order=order, warmup_steps=warmup_steps, max_forecasts=max_forecasts, threshold=threshold,
+                      start_percent=start_percent, end_percent=end_percent)
         cfg = StepCacheConfig(order=order, warmup=warmup_steps, max_forecasts=max_forecasts, threshold=threshold)
         return io.NodeOutput(step_cached(model, cfg, start_percent, end_percent)[0])
 

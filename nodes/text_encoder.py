@@ -24,12 +24,18 @@ from comfy.text_encoders.pixart_t5 import PixArtTokenizer
 from comfy_api.latest import io
 
 from .comfy_model import WEIGHT_DTYPES
+from .finite import check_inputs, input_errors
 
 log = logging.getLogger("oboro")
 
 PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.")
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".pickle"}
 T5_TOKENIZER_VOCAB = 32100  # sentencepiece pieces + 100 sentinels; the embedding is padded to 32128
+# OboroTextEncode's token budget. T5 v1.1 was trained on 512-token inputs (as Flux's t5xxl budget) and
+# its encoder attention grows with the square of the length: 8192 tokens took 20 s on the 2-layer
+# test T5 and would need ~17 GB per attention map in T5-XXL. Prompts are truncated by tokens before
+# encoding, so any prompt length costs at most this many tokens.
+MAX_TOKENS = 512
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -188,7 +194,13 @@ class OboroT5Loader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, t5_name="", weight_dtype="default"):
+        """ComfyUI 0.3.x checks combo values only for V1 nodes: a name not in the list is refused here."""
+        return input_errors(cls, t5_name=t5_name, weight_dtype=weight_dtype) or True
+
+    @classmethod
     def execute(cls, t5_name, weight_dtype="default") -> io.NodeOutput:
+        check_inputs(cls, t5_name=t5_name, weight_dtype=weight_dtype)
         path = folder_paths.get_full_path_or_raise("text_encoders", t5_name)
         return io.NodeOutput(load_t5(path, WEIGHT_DTYPES[weight_dtype]))
 
@@ -205,16 +217,20 @@ class OboroTextEncode(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip"),
                 io.String.Input("text", multiline=True, dynamic_prompts=True),
-                io.Int.Input("max_tokens", default=256, min=1, max=8192, optional=True,
-                             tooltip="Most T5 tokens kept, end-of-sequence token included. Longer prompts "
-                                     "are cut at the end (a warning says how many tokens were dropped). "
-                                     "Longer conditioning costs attention time in every sampling step."),
+                io.Int.Input("max_tokens", default=256, min=1, max=MAX_TOKENS, optional=True,
+                             tooltip="Most T5 tokens kept, end-of-sequence token included (at most 512, "
+                                     "T5's training length). Longer prompts are cut at the end before "
+                                     "encoding (a warning says how many tokens were dropped). Longer "
+                                     "conditioning costs attention time in every sampling step."),
             ],
             outputs=[io.Conditioning.Output()],
         )
 
     @classmethod
     def execute(cls, clip, text, max_tokens=256) -> io.NodeOutput:
+        check_inputs(cls, max_tokens=max_tokens)  # a linked value is only checked here
+        if not isinstance(text, str):
+            raise ValueError(f"OboroTextEncode: text must be a string, got {type(text).__name__}")
         conds, dropped = encode_text(clip, text, max_tokens)
         if dropped:
             log.warning("OboroTextEncode: prompt is longer than max_tokens=%d; dropped its last %d tokens "

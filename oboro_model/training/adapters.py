@@ -21,6 +21,10 @@ then reproduces peft exactly at strength 1 (other strengths interpolate W .. W',
 every DoRA file). On a different base (another checkpoint, other LoRAs applied first) the folded
 magnitude is that base's row norms off, as any DoRA is when moved. `dropout` is peft's input
 dropout for lora / dora and LyCORIS' rank dropout for loha / lokr; all act in training only.
+DoRA on an fp8 frozen base (plain fp8_e4m3fn / fp8_e5m2, or scaled fp8): peft's DoRA reads the base
+weight itself (its row norms, W + sBA), which torch cannot do in fp8 (no fp8 type promotion), and it
+would miss a scaled layer's factor; add_adapter dequantises each targeted fp8 layer to bf16 (times
+its scale) first. Only the targeted layers widen; the others keep fp8.
 Imports no ComfyUI.
 """
 from __future__ import annotations
@@ -29,10 +33,32 @@ from typing import Optional
 
 import torch
 
-from .lora import ADAPTER, COMFY_PREFIX, Targets, _unwrap, add_lora, inject_seeded, lora_metadata, lora_state_dict
+from .lora import (ADAPTER, COMFY_PREFIX, Targets, _unwrap, add_lora, inject_seeded, lora_metadata, lora_state_dict,
+                   resolve_targets)
 from ..atomic import save_safetensors
 
 ADAPTERS = ("lora", "loha", "lokr", "dora")
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+DORA_BASE_DTYPE = torch.bfloat16  # what an fp8 base layer is dequantised to for DoRA
+
+
+def widen_fp8_targets(model: torch.nn.Module, targets: Targets) -> list[str]:
+    """Dequantise the fp8 weights (times a scaled layer's `weight_scale`) of the Linear layers
+    `targets` selects to DORA_BASE_DTYPE, in place, frozen; returns their paths."""
+    base, done = _unwrap(model), []
+    for name in resolve_targets(base, targets):
+        m = base.get_submodule(name)
+        if m.weight.dtype not in FP8:
+            continue
+        with torch.no_grad():
+            w = m.weight.float()
+            scale = getattr(m, "weight_scale", None)
+            if scale is not None:
+                w = w * scale.to(device=w.device, dtype=torch.float32)
+                m.weight_scale = None
+            m.weight = torch.nn.Parameter(w.to(DORA_BASE_DTYPE), requires_grad=False)
+        done.append(name)
+    return done
 
 
 def adapter_kind(model: torch.nn.Module) -> str:
@@ -50,6 +76,8 @@ def add_adapter(model: torch.nn.Module, kind: str = "lora", rank: int = 16, alph
         _unwrap(model).oboro_lora["adapter"] = kind
         return model
     from peft import LoHaConfig, LoKrConfig, LoraConfig
+    if kind == "dora":  # peft's DoRA needs the base weight in a type torch can compute with
+        widen_fp8_targets(model, targets)
 
     def config(modules, alpha):
         if kind == "dora":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,12 @@ from .batching import DataOrder
 logger = logging.getLogger(__name__)
 REPEATS_RE = re.compile(r"^(\d+)_(.+)$")
 SOURCE_KEYS = ("path", "weight", "repeats", "loss_weight", "reg")
+# Bounds of a source's numbers: a weight or loss weight is a finite number in 0..MAX_WEIGHT (an
+# extra_caches line's weight must also be > 0: the line adds the source to draw from it), repeats
+# a whole number in 1..MAX_REPEATS. Larger values only ever came from typos (1e9, inf) and failed
+# deep inside the run (OverflowError, MemoryError building the epoch order).
+MAX_WEIGHT = 1e4
+MAX_REPEATS = 10_000
 
 
 def repeats_in_name(name: str) -> Optional[int]:
@@ -57,12 +64,28 @@ class DataSource:
     reg: bool = False
 
     def __post_init__(self):
-        if self.weight is not None and not self.weight >= 0:
-            raise ValueError(f"data source {self.path}: weight must be >= 0, got {self.weight}")
-        if self.repeats is not None and int(self.repeats) < 1:
-            raise ValueError(f"data source {self.path}: repeats must be >= 1, got {self.repeats}")
-        if not self.loss_weight >= 0:
-            raise ValueError(f"data source {self.path}: loss_weight must be >= 0, got {self.loss_weight}")
+        where = f"data source {self.path}"
+        if self.weight is not None and (err := weight_error(self.weight, "weight")):
+            raise ValueError(f"{where}: {err}")
+        if self.repeats is not None and (err := repeats_error(self.repeats)):
+            raise ValueError(f"{where}: {err}")
+        if err := weight_error(self.loss_weight, "loss_weight"):
+            raise ValueError(f"{where}: {err}")
+
+
+def weight_error(w, name: str = "weight", positive: bool = False) -> Optional[str]:
+    """Why `w` is no valid source weight (a finite number in 0..MAX_WEIGHT, > 0 if `positive`)."""
+    ok = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and \
+        (w > 0 if positive else w >= 0) and w <= MAX_WEIGHT
+    return None if ok else (f"{name} must be a finite number, {'0 <' if positive else '0 <='} {name} "
+                            f"<= {MAX_WEIGHT:g}, got {w!r} (2 doubles a share, 0.5 halves it)")
+
+
+def repeats_error(r) -> Optional[str]:
+    """Why `r` is no valid repeat count (a whole number in 1..MAX_REPEATS)."""
+    ok = isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r == int(r) and \
+        1 <= r <= MAX_REPEATS
+    return None if ok else f"repeats must be a whole number in 1..{MAX_REPEATS}, got {r!r}"
 
 
 def parse_source_lines(text: str, what: str = "extra_caches") -> list[DataSource]:
@@ -76,8 +99,10 @@ def parse_source_lines(text: str, what: str = "extra_caches") -> list[DataSource
         parts, nums = line.split(), []
         while len(parts) > 1 and len(nums) < 2 and _number(parts[-1]) is not None:
             nums.insert(0, _number(parts.pop()))
-        if len(nums) == 2 and nums[1] != int(nums[1]):
-            raise ValueError(f"{what} line {n} ({line!r}): repeats must be a whole number, got {nums[1]}")
+        err = weight_error(nums[0], positive=True) if nums else None
+        err = err or (repeats_error(nums[1]) if len(nums) == 2 else None)
+        if err:
+            raise ValueError(f"{what} line {n} ({line[:200]!r}): {err}. A line is \"path [weight [repeats]]\".")
         out.append(DataSource(" ".join(parts), nums[0] if nums else None, int(nums[1]) if len(nums) == 2 else None))
     return out
 
@@ -102,6 +127,8 @@ def parse_data_config(data: Union[Mapping, Sequence[Mapping]]) -> list[DataSourc
             raise ValueError(f"{where}: unknown keys {unknown}; allowed: {list(SOURCE_KEYS)}")
         if "path" not in t:
             raise ValueError(f"{where}: needs `path` (a latent cache folder written by OboroCacheLatents)")
+        if t.get("repeats") is not None and (err := repeats_error(t["repeats"])):
+            raise ValueError(f"{where}: {err}")
         out.append(DataSource(str(t["path"]), None if t.get("weight") is None else float(t["weight"]),
                               None if t.get("repeats") is None else int(t["repeats"]),
                               float(t.get("loss_weight", 1.0)), bool(t.get("reg", False))))
