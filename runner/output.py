@@ -1,5 +1,9 @@
 """Where oboro-run's results go: finished files into --out by atomic rename (never a partial
-file under its final name), one complete runs.jsonl line per job, and progress on stderr."""
+file under its final name), one complete runs.jsonl line per job, and progress on stderr.
+
+File names come from the job, not from ComfyUI's counter (which restarts per job embedded and keeps
+counting on a server): `<subfolder>/NNNNN-s<seed>-<prompt slug><ext>`, with `-<k>` added when a
+job saves several files, so both backends name the same job's images alike."""
 from __future__ import annotations
 
 import json
@@ -49,6 +53,18 @@ class Output:
         self.jobs = self.failed = 0
         self._lock = threading.Lock()
 
+    @staticmethod
+    def remove_stale(path) -> list[Path]:
+        """Remove the temp folders of runs that were killed (only call while holding --out's lock:
+        then no other oboro-run can be using one)."""
+        stale = [p for p in Path(path).glob(".oboro-run-*") if p.is_dir()] if Path(path).is_dir() else []
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        if stale:
+            print(f"oboro-run: removed {len(stale)} temp folder(s) left in {path} by killed runs: "
+                  f"{', '.join(p.name for p in stale)}", file=sys.stderr)
+        return stale
+
     def __enter__(self):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=".oboro-run-", dir=self.dir))
@@ -66,11 +82,12 @@ class Output:
 
     def commit(self, job, files, seconds: float, error: str | None = None, **extra) -> list[str]:
         """Move a job's finished files (src, subfolder, filename) into --out as
-        `<subfolder>/<job:05d>-<filename>` and append its runs.jsonl line."""
+        `<subfolder>/<job.stem>[-k]<ext>` and append its runs.jsonl line."""
         with self._lock:
             saved = []
-            for src, subfolder, filename in files:
-                dest = self.dir / _relative(subfolder, f"{job.index:05d}-{filename}")
+            for k, (src, subfolder, filename) in enumerate(files):
+                name = job.stem + (f"-{k}" if len(files) > 1 else "") + PurePosixPath(filename).suffix
+                dest = self.dir / _relative(subfolder, name)
                 stem, n = dest, 0
                 while dest.exists():
                     n += 1
@@ -78,8 +95,9 @@ class Output:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dest)
                 saved.append(dest.relative_to(self.dir).as_posix())
-            record = {"job": job.index, "overrides": job.overrides, "seed": job.seed, "outputs": saved,
-                      "seconds": round(seconds, 3), **extra}
+            record = {"job": job.index, "id": job.id, "workflow": job.workflow, "row": job.row,
+                      "overrides": job.overrides, "seed": job.seed, "outputs": saved, "seconds": round(seconds, 3),
+                      **extra}
             if error is not None:
                 record["error"] = error.strip()
             log = self.dir / "runs.jsonl"

@@ -79,9 +79,13 @@ class Server:
         r.raise_for_status()
         return r.json()
 
-    def submit(self, prompt: dict) -> str:
-        r = self.http.post(self.url + "/prompt", json={"prompt": prompt, "client_id": self.client_id},
-                           timeout=self.timeout)
+    def submit(self, prompt: dict, workflow: dict | None = None) -> str:
+        """Queue a prompt; `workflow` (UI format) goes where the browser puts it, extra_pnginfo, so
+        the server's SaveImage embeds it in the PNG as it does for a job queued from the UI."""
+        body = {"prompt": prompt, "client_id": self.client_id}
+        if workflow is not None:
+            body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
+        r = self.http.post(self.url + "/prompt", json=body, timeout=self.timeout)
         if r.status_code == 400:
             try:
                 raise JobFailed("rejected by the server:\n" + format_errors(r.json()))
@@ -238,7 +242,7 @@ class Farm:
             prompt = copy.deepcopy(job.prompt)
             for nid, name, path in list(self.local_images(prompt)):
                 prompt[nid]["inputs"][name] = server.upload(path)
-            prompt_id = server.submit(prompt)
+            prompt_id = server.submit(prompt, job.ui)
             self.inflight[server] = prompt_id
             server.watchers[prompt_id] = lambda value, total: progress.step(value, total, job)
             entry = server.wait(prompt_id, lambda msg: progress.say(job, msg))
