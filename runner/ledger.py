@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 import sys
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -68,8 +69,10 @@ def positive_text(prompt: dict) -> str:
 
 
 def slug(text: str, limit: int = SLUG_CHARS) -> str:
-    """"A red fox, in snow!" -> "a-red-fox-in-snow" (ASCII letters and digits, cut at a word)."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
+    """"A red fox, in snow!" -> "a-red-fox-in-snow" (ASCII letters and digits, accents dropped:
+    "Crème" -> "creme"; cut at a word). A prompt with no such letters gives ""."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    words = re.findall(r"[a-z0-9]+", ascii_text.lower())
     out = ""
     for w in words:
         nxt = f"{out}-{w}" if out else w

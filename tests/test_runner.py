@@ -105,7 +105,7 @@ def test_txt2img_seeds_and_batch_rows_embedded(model_root, tmp_path):
     assert log[3]["overrides"]["6.cfg"] == 1.0 and all(j["seconds"] > 0 and "error" not in j for j in log)
     images = [out / j["outputs"][0] for j in log]
     assert [len(j["outputs"]) for j in log] == [1, 1, 1, 1]
-    assert files_in(out) == sorted(["runs.jsonl"] + [j["outputs"][0] for j in log])  # no temp files left
+    assert files_in(out) == sorted([".oboro.lock", "runs.jsonl"] + [j["outputs"][0] for j in log])  # no temp files left
     assert r.stdout.split() == [str(p) for p in images]
     pixels = [np.asarray(Image.open(p)) for p in images]
     assert all(p.shape == (48, 64, 3) for p in pixels)
@@ -193,7 +193,7 @@ def test_server_round_robin(server, input_image, tmp_path):
     assert sorted(j["seed"] for j in log) == [0, 1, 2] and len({j["server"] for j in log}) == 2
     for j in log:
         assert np.asarray(Image.open(out / j["outputs"][0])).shape == (48, 64, 3)
-    assert files_in(out) == sorted(["runs.jsonl"] + [j["outputs"][0] for j in log])
+    assert files_in(out) == sorted([".oboro.lock", "runs.jsonl"] + [j["outputs"][0] for j in log])
 
     # img2img: a local input image is uploaded to the server first
     out2 = tmp_path / "out2"
