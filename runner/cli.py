@@ -80,8 +80,8 @@ def parse_args(argv):
     p.add_argument("--server", action="append", default=[], metavar="URL",
                    help="run on this ComfyUI server instead of in-process (repeatable: jobs are shared out)")
     p.add_argument("--resume", action="store_true",
-                   help="skip jobs that --out's runs.jsonl already records as done (same job number, overrides "
-                        "and seed), e.g. after the server died mid-batch")
+                   help="skip jobs that --out's runs.jsonl records as done (the same prompt after --set, batch "
+                        "row and seed, and its files still there), e.g. after the server died mid-batch")
     p.add_argument("--check", action="store_true", help="validate every job, run nothing")
     p.add_argument("--cpu", action="store_true", help="embedded: run on the CPU even if a GPU is present")
     p.add_argument("-v", "--verbose", action="store_true", help="show ComfyUI's own log messages")
