@@ -16,7 +16,8 @@ files stay as they are and are counted in a note on stderr. The same id twice in
 jobs: each needs its own done line.
 
 The slug of a job is a short, file-name-safe form of its positive prompt, so `--out` can be read
-without opening runs.jsonl; output names are `NNNNN-s<seed>-<slug><ext>` for both backends.
+without opening runs.jsonl; output names are `NNNNN-s<seed>-<slug>-<save prefix><ext>` for both
+backends (output.file_names).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 LEDGER = "runs.jsonl"
-SLUG_CHARS = 40
+SLUG_CHARS = 32
 TEXT_INPUTS = ("text", "prompt", "positive", "text_g", "string")
 
 

@@ -2,18 +2,23 @@
 file under its final name), one complete runs.jsonl line per job, and progress on stderr.
 
 File names come from the job, not from ComfyUI's counter (which restarts per job embedded and keeps
-counting on a server): `<subfolder>/NNNNN-s<seed>-<prompt slug><ext>`, with `-<k>` added when a
-job saves several files, so both backends name the same job's images alike."""
+counting on a server): `<subfolder>/NNNNN-s<seed>-<prompt slug>-<save prefix><ext>`, the save
+node's filename_prefix without ComfyUI's `_00001_` counter, and `-<k>` (zero-padded, in save order)
+when one save node writes several files, so both backends name the same job's files alike."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path, PurePosixPath
+
+COUNTER = re.compile(r"_\d{5,}_$")  # ComfyUI's savers: f"{prefix}_{counter:05}_.{ext}"
 
 
 def output_items(outputs: dict) -> list[dict]:
@@ -35,6 +40,22 @@ def _relative(subfolder: str, filename: str) -> Path:
     if rel.is_absolute() or ".." in rel.parts:
         raise ValueError(f"refusing output path outside --out: {rel}")
     return Path(*rel.parts)
+
+
+def file_names(stem: str, files) -> list[tuple[str, str]]:
+    """(subfolder, name) in --out for a job's saved files [(src, subfolder, ComfyUI's filename)]."""
+    parts = []
+    for _, subfolder, filename in files:
+        p = PurePosixPath(filename)
+        parts.append((subfolder, COUNTER.sub("", p.stem), p.suffix))
+    groups = Counter((sub, prefix) for sub, prefix, _ in parts)
+    seen, names = Counter(), []
+    for sub, prefix, ext in parts:
+        n = groups[(sub, prefix)]
+        k = f"-{seen[(sub, prefix)]:0{len(str(n - 1))}d}" if n > 1 else ""
+        seen[(sub, prefix)] += 1
+        names.append((sub, "-".join(filter(None, (stem, prefix))) + k + ext))
+    return names
 
 
 def _last_byte(path: Path) -> bytes:
@@ -82,11 +103,10 @@ class Output:
 
     def commit(self, job, files, seconds: float, error: str | None = None, **extra) -> list[str]:
         """Move a job's finished files (src, subfolder, filename) into --out as
-        `<subfolder>/<job.stem>[-k]<ext>` and append its runs.jsonl line."""
+        under the names file_names gives and append its runs.jsonl line."""
         with self._lock:
             saved = []
-            for k, (src, subfolder, filename) in enumerate(files):
-                name = job.stem + (f"-{k}" if len(files) > 1 else "") + PurePosixPath(filename).suffix
+            for (src, _, _), (subfolder, name) in zip(files, file_names(job.stem, files)):
                 dest = self.dir / _relative(subfolder, name)
                 stem, n = dest, 0
                 while dest.exists():

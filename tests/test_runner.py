@@ -47,8 +47,9 @@ def runs(out: Path):
     return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
 
 
-# the shipped txt2img prompt, "A beautiful cherry blossom tree in full bloom, anime style, ...", as a slug
-BLOSSOM = "a-beautiful-cherry-blossom-tree-in-full"
+# the shipped txt2img prompt, "A beautiful cherry blossom tree in full bloom, anime style, ...", as a slug,
+# and its SaveImage prefix "oboro"
+BLOSSOM = "a-beautiful-cherry-blossom-tree"
 
 
 def assert_traceable(png: Path, seed: int, ui: bool = True):
@@ -114,8 +115,8 @@ def test_txt2img_seeds_and_batch_rows_embedded(model_root, tmp_path):
     assert r.returncode == 0, r.stderr
     log = runs(out)
     assert [(j["job"], j["seed"], j["row"]) for j in log] == [(0, 3, 1), (1, 4, 1), (2, 3, 2), (3, 4, 2)]
-    assert [j["outputs"] for j in log] == [["00000-s3-a-red-fox.png"], ["00001-s4-a-red-fox.png"],
-                                           ["00002-s3-a-blue-bird.png"], ["00003-s4-a-blue-bird.png"]]
+    assert [j["outputs"] for j in log] == [["00000-s3-a-red-fox-oboro.png"], ["00001-s4-a-red-fox-oboro.png"],
+                                           ["00002-s3-a-blue-bird-oboro.png"], ["00003-s4-a-blue-bird-oboro.png"]]
     assert log[0]["overrides"] == {"OboroSampler.steps": 2, "EmptyOboroLatentImage.width": 64,
                                    "EmptyOboroLatentImage.height": 48, "Positive Prompt.text": "a red fox"}
     assert log[3]["overrides"]["6.cfg"] == 1.0 and all(j["seconds"] > 0 and "error" not in j for j in log)
@@ -160,8 +161,8 @@ def test_embedded_names_and_png_chunks_match_the_server_backend(model_root, tmp_
     r = oboro_run(workflow("oboro_txt2img", api=True), "--models", model_root, "--seeds", "0:2", *FAST_T2I,
                   "--out", out, *CPU)
     assert r.returncode == 0, r.stderr
-    assert [j["outputs"] for j in runs(out)] == [[f"00000-s0-{BLOSSOM}.png"], [f"00001-s1-{BLOSSOM}.png"]]
-    assert_traceable(out / f"00001-s1-{BLOSSOM}.png", 1, ui=False)
+    assert [j["outputs"] for j in runs(out)] == [[f"00000-s0-{BLOSSOM}-oboro.png"], [f"00001-s1-{BLOSSOM}-oboro.png"]]
+    assert_traceable(out / f"00001-s1-{BLOSSOM}-oboro.png", 1, ui=False)
 
 
 # ---- bad input: exit 2, each problem named, nothing written ----------------------------------
@@ -221,7 +222,7 @@ def test_server_round_robin(server, input_image, tmp_path):
     log = runs(out)
     assert sorted(j["seed"] for j in log) == [0, 1, 2] and len({j["server"] for j in log}) == 2
     for j in log:  # named as the embedded backend names them, not by the server's counter
-        assert j["outputs"] == [f"{j['job']:05d}-s{j['seed']}-{BLOSSOM}.png"]
+        assert j["outputs"] == [f"{j['job']:05d}-s{j['seed']}-{BLOSSOM}-oboro.png"]
         assert np.asarray(Image.open(out / j["outputs"][0])).shape == (48, 64, 3)
         assert_traceable(out / j["outputs"][0], j["seed"])
     assert files_in(out) == sorted([".oboro.lock", "runs.jsonl"] + [j["outputs"][0] for j in log])
@@ -231,7 +232,10 @@ def test_server_round_robin(server, input_image, tmp_path):
     r = oboro_run(workflow("oboro_img2img"), "--server", server, "--set", f"LoadImage.image={input_image}",
                   *FAST_I2I, "--out", out2)
     assert r.returncode == 0, r.stderr
-    assert np.asarray(Image.open(out2 / runs(out2)[0]["outputs"][0])).shape == (48, 64, 3)
+    png = Image.open(out2 / runs(out2)[0]["outputs"][0])
+    assert np.asarray(png).shape == (48, 64, 3)
+    loads = [n for n in json.loads(png.text["workflow"])["nodes"] if n["type"] == "LoadImage"]
+    assert loads[0]["widgets_values"][0] == json.loads(png.text["prompt"])["5"]["inputs"]["image"] != str(input_image)
 
 
 def test_server_check_names_problems(server, tmp_path):

@@ -56,18 +56,18 @@ def test_resume_into_another_prompts_folder_runs_the_new_jobs(comfy, model_root,
     bird = ["--set", "Positive Prompt.text=a blue bird"]
     r = oboro_run(UI, "--models", model_root, "--seeds", "0:2", *fox, *FAST, "--out", out, *CPU)
     assert r.returncode == 0, r.stderr
-    assert pngs(out) == ["00000-s0-a-red-fox-in-snow.png", "00001-s1-a-red-fox-in-snow.png"]
+    assert pngs(out) == ["00000-s0-a-red-fox-in-snow-oboro.png", "00001-s1-a-red-fox-in-snow-oboro.png"]
 
     r = oboro_run(UI, "--models", model_root, "--seeds", "0:2", *bird, *FAST, "--out", out, "--resume", *CPU)
     assert r.returncode == 0, r.stderr
     assert "--resume: 0 of 2 job(s) already done" in r.stderr  # same job numbers and seeds, other prompt
     assert "also records 2 finished job(s) of another workflow or other overrides" in r.stderr
-    assert pngs(out) == ["00000-s0-a-blue-bird.png", "00000-s0-a-red-fox-in-snow.png",
-                         "00001-s1-a-blue-bird.png", "00001-s1-a-red-fox-in-snow.png"]
+    assert pngs(out) == ["00000-s0-a-blue-bird-oboro.png", "00000-s0-a-red-fox-in-snow-oboro.png",
+                         "00001-s1-a-blue-bird-oboro.png", "00001-s1-a-red-fox-in-snow-oboro.png"]
     log = ledger(out)
     assert len(log) == 4 and len({j["id"] for j in log}) == 4 and len({j["workflow"] for j in log}) == 1
-    assert [(j["job"], j["seed"], j["outputs"]) for j in log[2:]] == [(0, 0, ["00000-s0-a-blue-bird.png"]),
-                                                                      (1, 1, ["00001-s1-a-blue-bird.png"])]
+    assert [(j["job"], j["seed"], j["outputs"]) for j in log[2:]] == [(0, 0, ["00000-s0-a-blue-bird-oboro.png"]),
+                                                                      (1, 1, ["00001-s1-a-blue-bird-oboro.png"])]
 
     # the API twin of the UI workflow with the same overrides runs the same prompt: the same jobs
     r = oboro_run(API, "--models", model_root, "--seeds", "0:2", *bird, *FAST, "--out", out, "--resume", *CPU)
@@ -76,7 +76,7 @@ def test_resume_into_another_prompts_folder_runs_the_new_jobs(comfy, model_root,
 
     # the PNG reloads in ComfyUI as the job that made it: SaveImage's `prompt` and `workflow` chunks
     from oboro.runner import convert
-    text = Image.open(out / "00001-s1-a-blue-bird.png").text
+    text = Image.open(out / "00001-s1-a-blue-bird-oboro.png").text
     prompt, workflow = json.loads(text["prompt"]), json.loads(text["workflow"])
     assert prompt["3"]["inputs"]["text"] == "a blue bird" and prompt["6"]["inputs"]["seed"] == 1
     assert prompt["6"]["inputs"]["steps"] == 1 and prompt["5"]["inputs"]["width"] == 32
