@@ -2,8 +2,14 @@
 
 Embedded by default (ComfyUI's own validator and PromptExecutor in this process, core nodes and
 ours); `--server URL` (repeatable) sends the jobs to running ComfyUI servers instead (remote.py).
-Every job is checked before any runs: problems exit with code 2, name each problem and leave no
-files. Images land in --out by atomic rename; each job appends one line to runs.jsonl.
+Every job is checked before any runs (ours, then ComfyUI's own validator, also with --check):
+problems exit with code 2, name each problem (and the job, row and seed when not every job has it)
+and leave no files. One writer per --out: the batch holds the folder's lock
+(oboro_model/folder_lock.py) from before it reads the ledger to its last line, so a second oboro-run
+on that folder exits 2 naming the holder and changes nothing. Under the lock, temp folders of killed
+runs (.oboro-run-*) are stale and removed. Images land in --out by atomic rename as
+NNNNN-s<seed>-<prompt slug>.png with the workflow and prompt embedded; each job appends one line
+to runs.jsonl. --resume skips only jobs whose identity that ledger records as done (ledger.py).
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .convert import WorkflowError, check, combo_options, input_specs, is_ui, load, needed, to_api
+from . import ledger
+from .convert import WorkflowError, check, combo_options, input_specs, is_ui, load, needed, to_api, ui_with_values
 from .output import Output, Progress
 
 SEED_INPUTS = ("seed", "noise_seed")
@@ -40,6 +47,22 @@ class Job:
     prompt: dict
     overrides: dict = field(default_factory=dict)
     seed: int | None = None
+    row: int | None = None  # batch row, 1-based
+    workflow: str = ""      # ledger.digest of the workflow before overrides
+    ui: dict | None = None  # the UI-format workflow showing this job's values (embedded in its PNGs)
+
+    @property
+    def id(self) -> str:
+        return ledger.digest(self.prompt)
+
+    @property
+    def stem(self) -> str:
+        return ledger.job_stem(self.index, self.seed, ledger.positive_text(self.prompt))
+
+    def describe(self) -> str:
+        where = [f"batch row {self.row}"] if self.row is not None else []
+        return f"job {self.index}" + (f" ({', '.join(where + [f'seed {self.seed}'])})" if self.seed is not None
+                                      or where else "")
 
 
 def parse_args(argv):
@@ -57,8 +80,8 @@ def parse_args(argv):
     p.add_argument("--server", action="append", default=[], metavar="URL",
                    help="run on this ComfyUI server instead of in-process (repeatable: jobs are shared out)")
     p.add_argument("--resume", action="store_true",
-                   help="skip jobs that --out's runs.jsonl already records as done (same job number, overrides "
-                        "and seed), e.g. after the server died mid-batch")
+                   help="skip jobs that --out's runs.jsonl records as done (the same prompt after --set, batch "
+                        "row and seed, and its files still there), e.g. after the server died mid-batch")
     p.add_argument("--check", action="store_true", help="validate every job, run nothing")
     p.add_argument("--cpu", action="store_true", help="embedded: run on the CPU even if a GPU is present")
     p.add_argument("-v", "--verbose", action="store_true", help="show ComfyUI's own log messages")
@@ -85,6 +108,8 @@ def main(argv=None) -> int:
 
 def run(opts, stdout) -> int:
     check_out_dir(opts.out)  # before ComfyUI loads: a wrong --out should not cost a start-up
+    if not opts.check:
+        probe_lock(opts.out)
     doc = load(opts.workflow)
     sets = {k: v for k, v in (parse_set(s) for s in opts.sets)}
     rows = load_rows(opts.batch) if opts.batch else [{}]
@@ -104,21 +129,49 @@ def run(opts, stdout) -> int:
     else:
         base = to_api(doc, {})
         defs = backend.node_defs({n.get("class_type") for n in base.values()})
-    jobs, problems = make_jobs(base, defs, sets, rows, seeds)
+    jobs, problems = make_jobs(base, defs, sets, rows, seeds, opts.batch is not None)
     validate(jobs, defs, backend, problems)
     if opts.check:
         print(f"oboro-run: ok: {len(jobs)} job(s) valid", file=sys.stderr)
         return 0
+    if is_ui(doc):
+        for job in jobs:
+            job.ui = ui_with_values(doc, job.prompt, defs)
     total = len(jobs)
-    if opts.resume:
-        jobs = skip_recorded(jobs, opts.out)
-    progress = Progress(total)
-    with Output(opts.out) as out:
-        failed = backend.run(jobs, out, progress)
+    with claim(opts.out, what(opts, total)):
+        Output.remove_stale(opts.out)
+        if opts.resume:
+            jobs = ledger.skip_done(jobs, opts.out)
+        progress = Progress(total)
+        with Output(opts.out) as out:
+            failed = backend.run(jobs, out, progress)
     for path in out.saved:
         print(path, file=stdout)
     progress.done(failed, out)
     return 1 if failed else 0
+
+
+def what(opts, total: int) -> str:
+    return f"oboro-run {Path(opts.workflow).name} ({total} job(s))"
+
+
+@contextlib.contextmanager
+def claim(out, what: str):
+    """Hold --out's write lock (one writer per folder); a held lock is a WorkflowError (exit 2)."""
+    from ..oboro_model.folder_lock import FolderBusy, folder_lock
+    try:
+        with folder_lock(out, what):
+            yield
+    except FolderBusy as e:
+        raise WorkflowError(f"--out {out}: {e}; nothing was changed there") from None
+
+
+def probe_lock(out) -> None:
+    """Fail fast, before ComfyUI loads, when another run holds --out (creates nothing)."""
+    from ..oboro_model.folder_lock import LOCK_NAME
+    if (Path(out) / LOCK_NAME).is_file():
+        with claim(out, "oboro-run (checking the folder is free)"):
+            pass
 
 
 def check_out_dir(out) -> None:
@@ -129,24 +182,6 @@ def check_out_dir(out) -> None:
             if not q.is_dir():
                 raise WorkflowError(f"--out {out}: {q} is a file, not a folder; pick a folder for the results")
             return
-
-
-def skip_recorded(jobs: list, out) -> list:
-    """The jobs runs.jsonl in `out` does not record as finished without error."""
-    log = Path(out) / "runs.jsonl"
-    done = set()
-    if log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash: that job is not done
-                continue
-            if isinstance(r, dict) and "error" not in r:
-                done.add(json.dumps([r.get("job"), r.get("overrides"), r.get("seed")], sort_keys=True, default=str))
-    left = [j for j in jobs if json.dumps([j.index, j.overrides, j.seed], sort_keys=True, default=str) not in done]
-    print(f"oboro-run: --resume: {len(jobs) - len(left)} of {len(jobs)} job(s) already done in {log}",
-          file=sys.stderr)
-    return left
 
 
 def parse_set(text: str):
@@ -237,7 +272,10 @@ def apply(prompt: dict, defs, key: str, raw, where: str):
     spec = input_specs(defs.get(node["class_type"], {})).get(name)
     if spec is None:
         raise WorkflowError(f"{where} {key}: node {nid} ({node['class_type']}) has no input '{name}'")
-    node.setdefault("inputs", {})[name] = value = coerce(raw, spec)
+    value = coerce(raw, spec)
+    if spec[0] == "INT" and isinstance(value, float) and value.is_integer():
+        value = int(value)  # "30.0" from a spreadsheet is 30; 1.5 stays and is refused by check()
+    node.setdefault("inputs", {})[name] = value
     return value
 
 
@@ -246,9 +284,9 @@ def seed_inputs(prompt):
             if name in (n.get("inputs") or {}) and not isinstance(n["inputs"][name], list)]
 
 
-def make_jobs(base, defs, sets, rows, seeds):
+def make_jobs(base, defs, sets, rows, seeds, batch=False):
     """One job per row x seed, and every problem found applying the overrides."""
-    jobs, problems = [], []
+    jobs, problems, workflow = [], [], ledger.digest(base)
     for r, row in enumerate(rows, 1):
         for seed in seeds:
             prompt, overrides = copy.deepcopy(base), {}
@@ -266,7 +304,7 @@ def make_jobs(base, defs, sets, rows, seeds):
                     prompt[nid]["inputs"][name] = seed
             elif targets:
                 seed = prompt[targets[0][0]]["inputs"][targets[0][1]]
-            jobs.append(Job(len(jobs), prompt, overrides, seed))
+            jobs.append(Job(len(jobs), prompt, overrides, seed, r if batch else None, workflow))
     return jobs, problems
 
 
@@ -278,9 +316,9 @@ def validate(jobs, defs, backend, problems=()) -> None:
         ours = check(job.prompt, defs, backend.folders, need, values=backend.remote)
         found.append(backend.problems(job.prompt, ours, need))
     problems = list(problems)
-    for i, msgs in enumerate(found):
+    for job, msgs in zip(jobs, found):
         for m in msgs:
-            m = m if all(m in f for f in found) or len(jobs) == 1 else f"job {i}: {m}"
+            m = m if all(m in f for f in found) and len(jobs) > 1 else f"{job.describe()}: {m}"
             if m not in problems:
                 problems.append(m)
     if problems:

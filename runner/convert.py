@@ -10,7 +10,9 @@ and links come from the `links` array.
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -147,6 +149,43 @@ def _link_fields(link):
     return tuple(link[:6])
 
 
+def widget_slots(values, specs) -> dict:
+    """{widget input name: its key in a UI node's widgets_values} (an index, or the name when the
+    values are a dict), skipping the "control after generate" and upload-button entries."""
+    widgets = [n for n, s in specs.items() if is_widget(s)]
+    if isinstance(values, dict):
+        return {n: n for n in widgets if n in values}
+    slots, values = {}, values or []
+    surplus, i = len(values) - len(widgets), 0
+    for name in widgets:
+        if i >= len(values):
+            break
+        slots[name] = i
+        i += 1
+        spec = specs[name]
+        if surplus > 0 and i < len(values) and has_control(name, spec) and values[i] in CONTROL_VALUES:
+            i, surplus = i + 1, surplus - 1
+        if surplus > 0 and i < len(values) and any(spec[1].get(f) for f in UPLOAD_FLAGS):
+            i, surplus = i + 1, surplus - 1
+    return slots
+
+
+def ui_with_values(ui: dict, prompt: dict, defs) -> dict:
+    """A copy of the UI workflow whose widgets show the values a job ran with (its --set, batch
+    row and seed), so the workflow embedded in its PNG reloads as that job, not the template."""
+    ui = copy.deepcopy(ui)
+    for node in ui.get("nodes") or []:
+        api = prompt.get(str(node.get("id")))
+        values = node.get("widgets_values")
+        if api is None or not values or node.get("type") not in defs:
+            continue
+        for name, key in widget_slots(values, input_specs(defs[node["type"]])).items():
+            val = (api.get("inputs") or {}).get(name)
+            if name in (api.get("inputs") or {}) and not isinstance(val, list):
+                values[key] = val
+    return ui
+
+
 def ui_to_api(ui: dict, defs) -> dict:
     """API-format prompt of a UI-format workflow; raises WorkflowError listing every problem."""
     nodes = {n["id"]: n for n in ui["nodes"]}
@@ -192,21 +231,7 @@ def ui_to_api(ui: dict, defs) -> dict:
         specs = input_specs(info)
         widgets = [n for n, s in specs.items() if is_widget(s)]
         values = node.get("widgets_values")
-        inputs = {}
-        if isinstance(values, dict):
-            inputs = {n: values[n] for n in widgets if n in values}
-        elif values:
-            surplus, i = len(values) - len(widgets), 0
-            for name in widgets:
-                if i >= len(values):
-                    break
-                inputs[name] = values[i]
-                i += 1
-                spec = specs[name]
-                if surplus > 0 and i < len(values) and has_control(name, spec) and values[i] in CONTROL_VALUES:
-                    i, surplus = i + 1, surplus - 1
-                if surplus > 0 and i < len(values) and any(spec[1].get(f) for f in UPLOAD_FLAGS):
-                    i, surplus = i + 1, surplus - 1
+        inputs = {name: values[key] for name, key in widget_slots(values, specs).items()}
         for name in widgets:  # saved before the node had this widget: the frontend shows its default
             if name not in inputs and widget_default(specs[name]) is not None:
                 inputs[name] = widget_default(specs[name])
@@ -256,9 +281,10 @@ def needed(prompt: dict, defs) -> set:
 
 def check(prompt: dict, defs, folder_files, need=None, values: bool = False) -> dict:
     """Problems found before running: {(node id, input or None): message}. Always: unknown node
-    types, and in the nodes that run (`need`): links to missing nodes, model files not in their
-    folder. With `values` (no local ComfyUI validator to ask): missing required inputs, combo
-    values, numbers and their ranges."""
+    types, and in the nodes that run (`need`): malformed links (slot not an output index), model
+    files not in their folder, V3 combo values, and numbers ComfyUI would change or not range-check
+    (1.5 for an INT, NaN, a bool). With `values` (no local ComfyUI validator to ask): missing
+    required inputs, every combo value, numbers and their ranges."""
     problems = {}
     need = needed(prompt, defs) if need is None else need
     for nid, node in prompt.items():
@@ -273,18 +299,25 @@ def check(prompt: dict, defs, folder_files, need=None, values: bool = False) -> 
         specs, inputs = input_specs(info), node.get("inputs") or {}
         required = (info.get("input") or {}).get("required") or {}
         for name, val in inputs.items():
-            if isinstance(val, list) and len(val) == 2 and isinstance(val[0], str):
-                if val[0] not in prompt:
-                    problems[(nid, name)] = f"{where} input {name}: linked to node {val[0]}, which is not in the graph"
+            if isinstance(val, list):
+                msg = _bad_link(val, prompt, defs)
+                if msg:
+                    problems[(nid, name)] = f"{where} input {name}: {msg}"
                 continue
             spec = specs.get(name)
+            msg = _not_a_number(spec, val) if spec else None
+            if msg:  # ComfyUI's validator would run 1.5 as seed 1 and let NaN through every range check
+                problems[(nid, name)] = f"{where} input {name}: {msg}"
+                continue
             options = combo_options(spec) if spec else None
             if options is not None and val not in options:
                 folder = model_folder(name, val, options, folder_files)
                 if folder:
                     problems[(nid, name)] = (f"{where} input {name}: missing model file {val}: "
                                              f"put it in ComfyUI/models/{folder}/{folder_files.where(folder)}")
-                elif values and not any(spec[1].get(f) for f in UPLOAD_FLAGS):
+                elif (values or spec[0] == "COMBO") and not any(spec[1].get(f) for f in UPLOAD_FLAGS):
+                    # ComfyUI's validator checks only list-typed (V1) combos; V3 "COMBO" inputs
+                    # (OboroSampler.solver...) pass it with any value and fail mid-run
                     problems[(nid, name)] = f"{where} input {name}: value {val!r} not in {_short(options)}"
             elif values and spec:
                 msg = _bad_value(spec, val)
@@ -295,6 +328,48 @@ def check(prompt: dict, defs, folder_files, need=None, values: bool = False) -> 
                 if name not in inputs:
                     problems[(nid, name)] = f"{where}: required input {name} is missing"
     return problems
+
+
+def _bad_link(val, prompt, defs):
+    """Why a [node id, output slot] link is malformed, or None. ComfyUI indexes RETURN_TYPES with
+    the slot as given: "0" crashes its validator, and -1 silently picks the last output."""
+    if len(val) != 2:
+        return f"link {val!r}: expected [node id, output slot]"
+    src, slot = val
+    if not isinstance(src, str) or src not in prompt:
+        return f"linked to node {src!r}, which is not in the graph" + (" (node ids are strings)" if str(src) in prompt
+                                                                       else "")
+    kind = prompt[src].get("class_type")
+    outputs = (defs.get(kind) or {}).get("output")
+    if outputs is None:
+        return None  # an unknown node type is reported on its own
+    allowed = f"node {src} ({kind}) has output slot{'s 0..' + str(len(outputs) - 1) if len(outputs) > 1 else ' 0'}" \
+        if outputs else f"node {src} ({kind}) has no outputs"
+    if isinstance(slot, bool) or not isinstance(slot, int):
+        return f"link {val!r}: output slot {slot!r} is not an integer; {allowed}"
+    if not 0 <= slot < len(outputs):
+        return f"link {val!r}: output slot {slot} does not exist; {allowed}"
+    return None
+
+
+def _range(opts) -> str:
+    lo, hi = opts.get("min"), opts.get("max")
+    return f"allowed {'' if lo is None else lo}..{'' if hi is None else hi}"
+
+
+def _not_a_number(spec, val):
+    """INT and FLOAT values ComfyUI's validator would let through changed or unchecked: a bool, a
+    fractional INT (int() would cut 1.5 to 1) and NaN or infinity (every range test is False)."""
+    typ, opts = spec
+    if typ not in ("INT", "FLOAT") or isinstance(val, str):
+        return None  # strings: ComfyUI's own int()/float() conversion reports them
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        return f"{val!r} is not a{'n integer' if typ == 'INT' else ' number'} ({typ}, {_range(opts)})"
+    if not math.isfinite(val):
+        return f"{val} is not a finite number ({typ}, {_range(opts)})"
+    if typ == "INT" and not float(val).is_integer():
+        return f"{val} is not an integer (INT, {_range(opts)})"
+    return None
 
 
 def _bad_value(spec, val):

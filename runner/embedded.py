@@ -97,9 +97,12 @@ def validate(prompt: dict) -> list[str]:
     return outputs
 
 
-def run(prompt: dict, server: Optional[HeadlessServer] = None, executor=None, client_id: str = "headless") -> dict:
+def run(prompt: dict, server: Optional[HeadlessServer] = None, executor=None, client_id: str = "headless",
+        workflow: Optional[dict] = None) -> dict:
     """Validate then execute; returns ComfyUI's history result {"outputs": {node_id: ui}}.
-    With a client id ComfyUI reports per-node events to `server` (as it would to a browser)."""
+    With a client id ComfyUI reports per-node events to `server` (as it would to a browser).
+    `workflow` (UI format) is what the browser sends as extra_pnginfo: SaveImage embeds it in the
+    PNG next to the prompt, so the image can be dragged back into ComfyUI."""
     import execution
     outputs = validate(prompt)
     server = server or HeadlessServer()
@@ -107,7 +110,10 @@ def run(prompt: dict, server: Optional[HeadlessServer] = None, executor=None, cl
                                                     cache_args={"lru": 0, "ram": 0})
     prompt_id = str(uuid.uuid4())
     server.last_prompt_id = prompt_id
-    executor.execute(prompt, prompt_id, {"client_id": client_id} if client_id else {}, outputs)
+    extra = {"client_id": client_id} if client_id else {}
+    if workflow is not None:
+        extra["extra_pnginfo"] = {"workflow": workflow}
+    executor.execute(prompt, prompt_id, extra, outputs)
     if not executor.success:
         msgs = [d for ev, d in executor.status_messages if ev in ("execution_error", "execution_interrupted")]
         err = msgs[-1] if msgs else {}

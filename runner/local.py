@@ -126,7 +126,7 @@ class Embedded:
             progress.begin(job, job.prompt)
             t0 = time.monotonic()
             try:
-                result = self.embedded.run(job.prompt, server, executor, client_id="oboro-run")
+                result = self.embedded.run(job.prompt, server, executor, client_id="oboro-run", workflow=job.ui)
                 files = [(comfy_out / it["subfolder"] / it["filename"], it["subfolder"], it["filename"])
                          for it in output_items(result.get("outputs", {}))]
                 progress.finished(job, out.commit(job, files, time.monotonic() - t0))

@@ -1,15 +1,24 @@
 """Where oboro-run's results go: finished files into --out by atomic rename (never a partial
-file under its final name), one complete runs.jsonl line per job, and progress on stderr."""
+file under its final name), one complete runs.jsonl line per job, and progress on stderr.
+
+File names come from the job, not from ComfyUI's counter (which restarts per job embedded and keeps
+counting on a server): `<subfolder>/NNNNN-s<seed>-<prompt slug>-<save prefix><ext>`, the save
+node's filename_prefix without ComfyUI's `_00001_` counter, and `-<k>` (zero-padded, in save order)
+when one save node writes several files, so both backends name the same job's files alike."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path, PurePosixPath
+
+COUNTER = re.compile(r"_\d{5,}_$")  # ComfyUI's savers: f"{prefix}_{counter:05}_.{ext}"
 
 
 def output_items(outputs: dict) -> list[dict]:
@@ -33,6 +42,22 @@ def _relative(subfolder: str, filename: str) -> Path:
     return Path(*rel.parts)
 
 
+def file_names(stem: str, files) -> list[tuple[str, str]]:
+    """(subfolder, name) in --out for a job's saved files [(src, subfolder, ComfyUI's filename)]."""
+    parts = []
+    for _, subfolder, filename in files:
+        p = PurePosixPath(filename)
+        parts.append((subfolder, COUNTER.sub("", p.stem), p.suffix))
+    groups = Counter((sub, prefix) for sub, prefix, _ in parts)
+    seen, names = Counter(), []
+    for sub, prefix, ext in parts:
+        n = groups[(sub, prefix)]
+        k = f"-{seen[(sub, prefix)]:0{len(str(n - 1))}d}" if n > 1 else ""
+        seen[(sub, prefix)] += 1
+        names.append((sub, "-".join(filter(None, (stem, prefix))) + k + ext))
+    return names
+
+
 def _last_byte(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
@@ -48,6 +73,18 @@ class Output:
         self.saved: list[str] = []
         self.jobs = self.failed = 0
         self._lock = threading.Lock()
+
+    @staticmethod
+    def remove_stale(path) -> list[Path]:
+        """Remove the temp folders of runs that were killed (only call while holding --out's lock:
+        then no other oboro-run can be using one)."""
+        stale = [p for p in Path(path).glob(".oboro-run-*") if p.is_dir()] if Path(path).is_dir() else []
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        if stale:
+            print(f"oboro-run: removed {len(stale)} temp folder(s) left in {path} by killed runs: "
+                  f"{', '.join(p.name for p in stale)}", file=sys.stderr)
+        return stale
 
     def __enter__(self):
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -66,11 +103,11 @@ class Output:
 
     def commit(self, job, files, seconds: float, error: str | None = None, **extra) -> list[str]:
         """Move a job's finished files (src, subfolder, filename) into --out as
-        `<subfolder>/<job:05d>-<filename>` and append its runs.jsonl line."""
+        under the names file_names gives and append its runs.jsonl line."""
         with self._lock:
             saved = []
-            for src, subfolder, filename in files:
-                dest = self.dir / _relative(subfolder, f"{job.index:05d}-{filename}")
+            for (src, _, _), (subfolder, name) in zip(files, file_names(job.stem, files)):
+                dest = self.dir / _relative(subfolder, name)
                 stem, n = dest, 0
                 while dest.exists():
                     n += 1
@@ -78,8 +115,9 @@ class Output:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dest)
                 saved.append(dest.relative_to(self.dir).as_posix())
-            record = {"job": job.index, "overrides": job.overrides, "seed": job.seed, "outputs": saved,
-                      "seconds": round(seconds, 3), **extra}
+            record = {"job": job.index, "id": job.id, "workflow": job.workflow, "row": job.row,
+                      "overrides": job.overrides, "seed": job.seed, "outputs": saved, "seconds": round(seconds, 3),
+                      **extra}
             if error is not None:
                 record["error"] = error.strip()
             log = self.dir / "runs.jsonl"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from .convert import UPLOAD_FLAGS, WorkflowError, combo_options, input_specs
+from .convert import UPLOAD_FLAGS, WorkflowError, combo_options, input_specs, ui_with_values
 from .output import output_items
 
 POLL_S = 0.25
@@ -79,9 +79,13 @@ class Server:
         r.raise_for_status()
         return r.json()
 
-    def submit(self, prompt: dict) -> str:
-        r = self.http.post(self.url + "/prompt", json={"prompt": prompt, "client_id": self.client_id},
-                           timeout=self.timeout)
+    def submit(self, prompt: dict, workflow: dict | None = None) -> str:
+        """Queue a prompt; `workflow` (UI format) goes where the browser puts it, extra_pnginfo, so
+        the server's SaveImage embeds it in the PNG as it does for a job queued from the UI."""
+        body = {"prompt": prompt, "client_id": self.client_id}
+        if workflow is not None:
+            body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
+        r = self.http.post(self.url + "/prompt", json=body, timeout=self.timeout)
         if r.status_code == 400:
             try:
                 raise JobFailed("rejected by the server:\n" + format_errors(r.json()))
@@ -235,10 +239,12 @@ class Farm:
         progress.begin(job, job.prompt, where=f" on {server.url}")
         t0 = time.monotonic()
         try:
-            prompt = copy.deepcopy(job.prompt)
+            prompt, ui = copy.deepcopy(job.prompt), job.ui
             for nid, name, path in list(self.local_images(prompt)):
                 prompt[nid]["inputs"][name] = server.upload(path)
-            prompt_id = server.submit(prompt)
+            if ui is not None and prompt != job.prompt:  # the embedded workflow names the uploaded file
+                ui = ui_with_values(ui, prompt, self._defs)
+            prompt_id = server.submit(prompt, ui)
             self.inflight[server] = prompt_id
             server.watchers[prompt_id] = lambda value, total: progress.step(value, total, job)
             entry = server.wait(prompt_id, lambda msg: progress.say(job, msg))

@@ -47,6 +47,21 @@ def runs(out: Path):
     return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
 
 
+# the shipped txt2img prompt, "A beautiful cherry blossom tree in full bloom, anime style, ...", as a slug,
+# and its SaveImage prefix "oboro"
+BLOSSOM = "a-beautiful-cherry-blossom-tree"
+
+
+def assert_traceable(png: Path, seed: int, ui: bool = True):
+    """ComfyUI's SaveImage chunks: the prompt that ran (this seed) and, for a UI workflow, the workflow."""
+    text = Image.open(png).text
+    assert json.loads(text["prompt"])["6"]["inputs"]["seed"] == seed
+    if ui:
+        assert {n["id"]: n for n in json.loads(text["workflow"])["nodes"]}[6]["widgets_values"][0] == seed
+    else:
+        assert "workflow" not in text
+
+
 # ---- conversion ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -99,17 +114,21 @@ def test_txt2img_seeds_and_batch_rows_embedded(model_root, tmp_path):
                   *FAST_T2I, "--out", out, *CPU)
     assert r.returncode == 0, r.stderr
     log = runs(out)
-    assert [(j["job"], j["seed"]) for j in log] == [(0, 3), (1, 4), (2, 3), (3, 4)]
+    assert [(j["job"], j["seed"], j["row"]) for j in log] == [(0, 3, 1), (1, 4, 1), (2, 3, 2), (3, 4, 2)]
+    assert [j["outputs"] for j in log] == [["00000-s3-a-red-fox-oboro.png"], ["00001-s4-a-red-fox-oboro.png"],
+                                           ["00002-s3-a-blue-bird-oboro.png"], ["00003-s4-a-blue-bird-oboro.png"]]
     assert log[0]["overrides"] == {"OboroSampler.steps": 2, "EmptyOboroLatentImage.width": 64,
                                    "EmptyOboroLatentImage.height": 48, "Positive Prompt.text": "a red fox"}
     assert log[3]["overrides"]["6.cfg"] == 1.0 and all(j["seconds"] > 0 and "error" not in j for j in log)
     images = [out / j["outputs"][0] for j in log]
     assert [len(j["outputs"]) for j in log] == [1, 1, 1, 1]
-    assert files_in(out) == sorted(["runs.jsonl"] + [j["outputs"][0] for j in log])  # no temp files left
+    assert files_in(out) == sorted([".oboro.lock", "runs.jsonl"] + [j["outputs"][0] for j in log])  # no temp files left
     assert r.stdout.split() == [str(p) for p in images]
     pixels = [np.asarray(Image.open(p)) for p in images]
     assert all(p.shape == (48, 64, 3) for p in pixels)
     assert not np.array_equal(pixels[0], pixels[1])  # other seed, other image
+    for j in log:
+        assert_traceable(out / j["outputs"][0], j["seed"])
     assert "[4/4]" in r.stderr  # progress on stderr
 
 
@@ -133,6 +152,17 @@ def test_check_runs_nothing(model_root, tmp_path):
                   "--out", out, *CPU)
     assert r.returncode == 0, r.stderr
     assert "3 job(s) valid" in r.stderr and not out.exists()
+
+
+def test_embedded_names_and_png_chunks_match_the_server_backend(model_root, tmp_path):
+    """The names test_server_round_robin expects for the same jobs. An API workflow has no UI
+    workflow to embed: like ComfyUI's SaveImage for an API-queued prompt, the prompt only."""
+    out = tmp_path / "out"
+    r = oboro_run(workflow("oboro_txt2img", api=True), "--models", model_root, "--seeds", "0:2", *FAST_T2I,
+                  "--out", out, *CPU)
+    assert r.returncode == 0, r.stderr
+    assert [j["outputs"] for j in runs(out)] == [[f"00000-s0-{BLOSSOM}-oboro.png"], [f"00001-s1-{BLOSSOM}-oboro.png"]]
+    assert_traceable(out / f"00001-s1-{BLOSSOM}-oboro.png", 1, ui=False)
 
 
 # ---- bad input: exit 2, each problem named, nothing written ----------------------------------
@@ -191,16 +221,21 @@ def test_server_round_robin(server, input_image, tmp_path):
     assert r.returncode == 0, r.stderr
     log = runs(out)
     assert sorted(j["seed"] for j in log) == [0, 1, 2] and len({j["server"] for j in log}) == 2
-    for j in log:
+    for j in log:  # named as the embedded backend names them, not by the server's counter
+        assert j["outputs"] == [f"{j['job']:05d}-s{j['seed']}-{BLOSSOM}-oboro.png"]
         assert np.asarray(Image.open(out / j["outputs"][0])).shape == (48, 64, 3)
-    assert files_in(out) == sorted(["runs.jsonl"] + [j["outputs"][0] for j in log])
+        assert_traceable(out / j["outputs"][0], j["seed"])
+    assert files_in(out) == sorted([".oboro.lock", "runs.jsonl"] + [j["outputs"][0] for j in log])
 
     # img2img: a local input image is uploaded to the server first
     out2 = tmp_path / "out2"
     r = oboro_run(workflow("oboro_img2img"), "--server", server, "--set", f"LoadImage.image={input_image}",
                   *FAST_I2I, "--out", out2)
     assert r.returncode == 0, r.stderr
-    assert np.asarray(Image.open(out2 / runs(out2)[0]["outputs"][0])).shape == (48, 64, 3)
+    png = Image.open(out2 / runs(out2)[0]["outputs"][0])
+    assert np.asarray(png).shape == (48, 64, 3)
+    loads = [n for n in json.loads(png.text["workflow"])["nodes"] if n["type"] == "LoadImage"]
+    assert loads[0]["widgets_values"][0] == json.loads(png.text["prompt"])["5"]["inputs"]["image"] != str(input_image)
 
 
 def test_server_check_names_problems(server, tmp_path):
