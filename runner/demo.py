@@ -8,7 +8,7 @@ workflows run by oboro-run (runner/cli.py, in this process):
 2. models: a from-scratch pixel-space MMH-DiT and a tiny frozen random T5 (real T5 tokenizer), in
    <out>/models/{diffusion_models,text_encoders,vae};
 3. train: example_workflows/oboro_full_finetune.json (OboroCacheLatents with the pixel_space VAE, then
-   OboroTrainFull), with --set overrides;
+   OboroFullTrainer + OboroTrainingOptions), with --set overrides;
 4. generate: example_workflows/oboro_txt2img.json on held-out prompts, plus a few training captions as a
    control, two seeds each;
 5. report: the PNGs, contact_sheet.png, loss.png and report.json, with pixel-level scores of
@@ -171,18 +171,19 @@ def runs(folder: Path) -> list[dict]:
 
 
 def train(out: Path, dataset_dir: str, setup: dict, steps: int, size: int, device: list, previews: list) -> LossLog:
+    trainer = {"output_name": TRAINED, "steps": steps, "lr": setup["lr"], "save_dtype": "fp32",
+               "preview_prompts": "\n".join(previews), "preview_every": max(1, steps // 3)}
+    options = {"batch_size": setup["batch_size"], "warmup": min(30, steps // 10), "schedule": "cosine",
+               "t_sampling": setup["t_sampling"], "precision": "fp32", "gradient_checkpointing": "false",
+               "caption_dropout": 0.1, "checkpoint_every": 0, "keep_last": 1,
+               "overwrite": "true",  # the demo owns its --out: a re-run replaces its own model
+               "preview_cfg": 3.0, "preview_steps": 20}
     sets = {"OboroModelLoader.model_name": INIT, "OboroT5Loader.t5_name": T5_FILE, "VAELoader.vae_name": "pixel_space",
             "OboroCacheLatents.dataset_dir": dataset_dir, "OboroCacheLatents.policy": "fixed",
             "OboroCacheLatents.size": size, "OboroCacheLatents.max_tokens": 64,
-            "OboroCacheLatents.cache_name": str((out / "cache").resolve()), "OboroTrainFull.output_name": TRAINED,
-            "OboroTrainFull.steps": steps, "OboroTrainFull.batch_size": setup["batch_size"],
-            "OboroTrainFull.lr": setup["lr"], "OboroTrainFull.warmup": min(30, steps // 10),
-            "OboroTrainFull.schedule": "cosine", "OboroTrainFull.t_sampling": setup["t_sampling"], "OboroTrainFull.precision": "fp32",
-            "OboroTrainFull.gradient_checkpointing": "false", "OboroTrainFull.caption_dropout": 0.1,
-            "OboroTrainFull.checkpoint_every": 0, "OboroTrainFull.keep_last": 1, "OboroTrainFull.save_dtype": "fp32",
-            "OboroTrainFull.overwrite": "true",  # the demo owns its --out: a re-run replaces its own model
-            "OboroTrainFull.preview_prompts": "\n".join(previews), "OboroTrainFull.preview_every": max(1, steps // 3),
-            "OboroTrainFull.preview_cfg": 3.0, "OboroTrainFull.preview_steps": 20}
+            "OboroCacheLatents.cache_name": str((out / "cache").resolve()),
+            **{f"OboroFullTrainer.{k}": v for k, v in trainer.items()},
+            **{f"OboroTrainingOptions.{k}": v for k, v in options.items()}}
     log, handler = logging.getLogger("oboro"), LossLog()
     saved = (log.level, log.propagate)
     log.addHandler(handler)

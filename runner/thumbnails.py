@@ -17,6 +17,7 @@ only what makes it CPU-sized changed (model names, 32x32, steps). Nothing is dra
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -62,6 +63,9 @@ class Runner:
         from . import embedded
         import folder_paths
         models = demo_dir / "models"
+        # the demo's dataset and this scratch folder are read by the templates' nodes (nodes/paths.py)
+        os.environ["OBORO_READ_ROOTS"] = os.pathsep.join(
+            filter(None, (os.environ.get("OBORO_READ_ROOTS"), str(demo_dir.resolve()), str(work.resolve()))))
         self.out = work / "output"
         for d in (self.out, work / "input", work / "models" / "diffusion_models", work / "models" / "loras",
                   work / "models" / "oboro_mask_adapters"):
@@ -171,16 +175,17 @@ def mask_text(r: Runner, adapter: Path) -> Image.Image:
 
 
 def training(r: Runner, name: str, demo_dir: Path) -> Image.Image:
-    kind = "OboroTrainLoRA" if "lora" in name else "OboroTrainFull"
+    kind = "OboroLoRATrainer" if "lora" in name else "OboroFullTrainer"
     previews = [dd.caption(*c) for c in demo.held_out_prompts()[::3]]
-    train = {"output_name": f"thumbnail_{name}", "steps": 20, "batch_size": 8, "warmup": 0, "precision": "fp32",
-             "lr": 1e-3 if "lora" in name else 1e-4, "gradient_checkpointing": False, "checkpoint_every": 0,
-             "preview_prompts": "\n".join(previews), "preview_every": 20, "preview_steps": 20, "preview_cfg": 3.0}
+    train = {"output_name": f"thumbnail_{name}", "steps": 20, "lr": 1e-3 if "lora" in name else 1e-4,
+             "preview_prompts": "\n".join(previews), "preview_every": 20}
+    options = {"batch_size": 8, "warmup": 0, "precision": "fp32", "gradient_checkpointing": False,
+               "checkpoint_every": 0, "preview_steps": 20, "preview_cfg": 3.0}
     # The demo's dataset and cache settings (runner/demo.py), cached in the scratch folder: the demo's
     # own cache stays as oboro-mask-eval expects it.
     cache = {"dataset_dir": str(demo_dir / "dataset" / "images"), "policy": "fixed", "size": SIZE, "max_tokens": 64,
              "cache_name": str(r.work / "cache")}
-    res = r.run(name, {**demo_models(), "OboroCacheLatents": cache, kind: train})
+    res = r.run(name, {**demo_models(), "OboroCacheLatents": cache, kind: train, "OboroTrainingOptions": options})
     loss, preview = r.images(res)  # SaveImage "Loss curve" (node 6), "Previews" (node 7)
     w = TILE * 3
     top = up(preview, w, w * preview.height // preview.width)
