@@ -148,3 +148,32 @@ def test_mask_adapter_trainer_refuses_a_cache_that_does_not_fit(comfy, setup, tm
         "condition_dropout": 0.1, "precision": "fp32"}}
     with pytest.raises(GraphError, match="32-wide text states"):
         comfy.run(g)
+
+
+def test_no_op_settings_are_said_in_the_ui_and_the_summary(comfy, setup):
+    pytest.importorskip("prodigyopt")
+    g = new_face(setup, "one_noop", steps=1)
+    g["opts"]["inputs"].update(optimizer="prodigy")  # with lr 1e-3: prodigy expects lr = 1
+    s = summary(comfy.run(g))
+    assert any("prodigy" in w and "lr = 1" in w for w in s["warnings"]), s
+
+
+def test_a_state_folder_held_by_another_process_is_refused_by_name(comfy, setup, tmp_path):
+    """Two writers of one run: the second gets the holder's pid and changes nothing."""
+    import os
+    import subprocess
+    state = comfy.output / "oboro_training" / "one_locked"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; os.makedirs(sys.argv[1], exist_ok=True); "
+        "fd = os.open(os.path.join(sys.argv[1], '.oboro.lock'), os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'{\"what\": \"the other server\", \"pid\": %d}' % os.getpid()); "
+        "print('held', flush=True); time.sleep(120)"), str(state)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(GraphError, match=f"being written by the other server.*pid {holder.pid}"):
+            comfy.run(new_face(setup, "one_locked", steps=1))
+        assert sorted(p.name for p in state.iterdir()) == [".oboro.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.isdir(state)

@@ -9,7 +9,6 @@ import asyncio
 import json
 import struct
 import time
-import urllib.request
 import uuid
 
 import aiohttp

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -38,6 +39,14 @@ class LoraSpec:
     targets: Union[str, tuple] = "attn"  # attn | mlp | all | module paths or suffixes
     base_dtype: str = "stored"         # the frozen base's storage dtype (frozen_base.STORAGE_DTYPES)
     adapter: str = "lora"              # lora | loha | lokr | dora (adapters.py)
+
+    def __post_init__(self):
+        if not 1 <= self.rank <= 4096:
+            raise ValueError(f"rank is {self.rank}; give a whole number from 1 to 4096")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha is {self.alpha}; give a finite number > 0")
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout is {self.dropout}; give a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,26 @@ def open_data(spec: RunSpec, net, hooks: RunHooks):
     return data, val
 
 
+def no_op_warnings(spec: RunSpec, trainer: Trainer) -> list[str]:
+    """Settings that silently do nothing or harm: said in the UI and the summary, not only logged."""
+    c, out = spec.config, []
+    if c.optimizer == "prodigy" and c.lr < 0.1:
+        out.append(f"optimizer prodigy with lr {c.lr:g}: prodigy finds its own step size and expects lr = 1 "
+                   "(this lr scales it down, so it learns almost nothing)")
+    if c.validation_split > 0 and len(trainer.dataset) < c.batch_size:
+        out.append(f"validation_split {c.validation_split:g} leaves {len(trainer.dataset)} training items, less than "
+                   f"one batch of {c.batch_size}")
+    if c.masked_loss:
+        n = min(64, len(trainer.dataset))  # a look at the first items, not a pass over the cache
+        masks = [trainer.dataset[i].get("loss_mask") for i in range(n)]
+        if masks and all(m is None or not bool((m > 0).any()) for m in masks):
+            out.append(f"masked_loss is on but the loss masks of the first {n} items are all empty (or the images "
+                       "fully transparent): their loss is 0 and nothing is learned from them")
+    if c.caption_dropout >= 1.0:
+        out.append("caption_dropout 1: every caption is dropped, so the prompt will have no effect")
+    return out
+
+
 def pick_folder(spec: RunSpec, identity: dict) -> tuple[Path, Optional[Path], str]:
     """(state folder, state file to resume or None, note for the user) by the run rules above."""
     state_dir, r = Path(spec.state_dir), (spec.resume or "").strip()
@@ -226,6 +255,10 @@ def run(spec: RunSpec, net: torch.nn.Module, hooks: Optional[RunHooks] = None) -
             hooks.say(f"resuming {folder.name} from step {trainer.step} -> {spec.config.steps}")
         if hooks.tracker is not None:
             job.tracker = trainer.tracker = hooks.tracker(folder, config)  # hooks may log images to it
+        warnings = no_op_warnings(spec, trainer)
+        for w in warnings:
+            logger.warning("%s: %s", spec.what, w)
+            hooks.say("warning: " + w)
         if dist.is_main:
             ident.write_run(folder, identity)
         try:
@@ -241,7 +274,8 @@ def run(spec: RunSpec, net: torch.nn.Module, hooks: Optional[RunHooks] = None) -
             from .report import write_report
             write_report(trainer, job.history, folder, spec.samples, f"{spec.what}: {Path(spec.state_dir).name}")
         extra = {"data": data.describe()} if hasattr(data, "describe") else {}
-        summary = job.summary(trainer, items=len(trainer.dataset), **files, **extra, **({"note": note} if note else {}))
+        summary = job.summary(trainer, items=len(trainer.dataset), **files, **extra, **({"note": note} if note else {}),
+                              **({"warnings": warnings} if warnings else {}))
         job.close()
         return RunResult(summary, job.history, folder, note=note)
 

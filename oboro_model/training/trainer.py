@@ -15,6 +15,7 @@ micro-batch, so W ranks equal one process with batch_size * W (up to float summa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -105,6 +106,15 @@ class TrainConfig:
     validation_seed: int = 0           # the held-out items and their fixed noise
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # every number finite, named as given (TOML keys, node inputs)
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} is {v}; give a finite number")
+        if not self.lr > 0 or self.weight_decay < 0 or (self.clip_grad_norm or 0) < 0 or self.t_std <= 0 \
+                or self.t_shift <= 0 or self.sigma < 0:
+            raise ValueError(f"lr {self.lr} must be > 0, weight_decay {self.weight_decay}, clip_grad_norm "
+                             f"{self.clip_grad_norm} and sigma {self.sigma} >= 0, t_std {self.t_std} and t_shift "
+                             f"{self.t_shift} > 0")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"steps, batch_size, grad_accum must be >= 1: {self.steps}, {self.batch_size}, {self.grad_accum}")
         if self.precision not in PRECISIONS:
