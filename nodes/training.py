@@ -94,32 +94,28 @@ def trainer_schema(kind: str) -> io.Schema:
         outputs=outputs(), is_output_node=True)
 
 
-class OboroLoRATrainer(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return trainer_schema("lora")
+def trainer_node(node_id: str, kind: str, schema, legacy: bool = False):
+    """A trainer node class: `schema()` its face; execute merges the options/data nodes' values."""
+    class Node(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return schema()
 
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validate(kwargs)
+        @classmethod
+        def validate_inputs(cls, **kwargs):
+            return validate(kwargs)
 
-    @classmethod
-    def execute(cls, model, options=None, data=None, **kwargs) -> io.NodeOutput:
-        return execute_training("lora", "OboroLoRATrainer", model, {**(options or {}), **(data or {}), **kwargs})
+        @classmethod
+        def execute(cls, model, options=None, data=None, **kwargs) -> io.NodeOutput:
+            values = {**(options or {}), **(data or {}), **kwargs, **({"_legacy": True} if legacy else {})}
+            return execute_training(kind, node_id, model, values)
+
+    Node.__name__ = Node.__qualname__ = node_id
+    return Node
 
 
-class OboroFullTrainer(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return trainer_schema("full")
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validate(kwargs)
-
-    @classmethod
-    def execute(cls, model, options=None, data=None, **kwargs) -> io.NodeOutput:
-        return execute_training("full", "OboroFullTrainer", model, {**(options or {}), **(data or {}), **kwargs})
+OboroLoRATrainer = trainer_node("OboroLoRATrainer", "lora", lambda: trainer_schema("lora"))
+OboroFullTrainer = trainer_node("OboroFullTrainer", "full", lambda: trainer_schema("full"))
 
 
 def _settings_node(node_id: str, name: str, face: str, out, description: str):

@@ -19,8 +19,11 @@ from ..oboro_model.training.run import LORA_TARGETS, LoraSpec
 from ..oboro_model.training.tracking import TRACKERS
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # widget value -> TrainConfig.precision
-# Node defaults per face. The trainers of today share them; the older nodes keep theirs.
-DEFAULTS = {
+# Node defaults. The trainers of today and their options/data nodes: FACE (steps and lr per kind, on
+# the trainer); the older all-in-one nodes keep the defaults they shipped with: LEGACY.
+FACE = TrainConfig(warmup=100, schedule="cosine", precision="bf16", checkpoint_every=250, keep_last=2)
+FACE_STEPS_LR = {"lora": (1000, 2e-4), "full": (2000, 1e-4)}
+LEGACY = {
     "lora": TrainConfig(steps=1000, lr=2e-4, warmup=100, schedule="cosine", precision="bf16", checkpoint_every=250,
                         keep_last=3),
     "full": TrainConfig(steps=2000, lr=1e-4, warmup=500, schedule="cosine", precision="bf16", checkpoint_every=500,
@@ -132,7 +135,9 @@ def default(f: Field, kind: str, legacy: bool = False):
     if f.target == "lora":
         return getattr(LORA_DEFAULTS, f.name)
     if f.target == "config":
-        v = getattr(DEFAULTS[kind], f.name)
+        v = getattr(LEGACY[kind] if legacy else FACE, f.name)
+        if not legacy and f.name in ("steps", "lr"):
+            v = FACE_STEPS_LR[kind][f.name == "lr"]
         if f.name == "precision":
             return next(k for k, p in PRECISION.items() if p == v)
         return 0.0 if v is None else v

@@ -8,7 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import training_inputs as table
-from .training import execute_training, outputs, validate
+from .training import outputs, trainer_node
 
 LEGACY_ORDER = [
     "cache_dir", "output_name", "steps", "batch_size", "lr", "warmup", "schedule", "optimizer", "grad_accum",
@@ -41,32 +41,6 @@ def legacy_schema(kind: str) -> io.Schema:
         inputs=inputs, outputs=outputs(), is_output_node=True)
 
 
-class OboroTrainLoRA(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return legacy_schema("lora")
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validate(kwargs)
-
-    @classmethod
-    def execute(cls, model, **kwargs) -> io.NodeOutput:
-        return execute_training("lora", "OboroTrainLoRA", model, {**kwargs, "_legacy": True})
-
-
-class OboroTrainFull(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return legacy_schema("full")
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validate(kwargs)
-
-    @classmethod
-    def execute(cls, model, **kwargs) -> io.NodeOutput:
-        return execute_training("full", "OboroTrainFull", model, {**kwargs, "_legacy": True})
-
-
+OboroTrainLoRA = trainer_node("OboroTrainLoRA", "lora", lambda: legacy_schema("lora"), legacy=True)
+OboroTrainFull = trainer_node("OboroTrainFull", "full", lambda: legacy_schema("full"), legacy=True)
 NODES = [OboroTrainLoRA, OboroTrainFull]
