@@ -35,7 +35,7 @@ def check_values(values: dict) -> None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"{name}: expected a number, got {v!r}")
-        if not math.isfinite(v) or v < f.lo or v > f.hi:
+        if (isinstance(v, float) and not math.isfinite(v)) or v < f.lo or v > f.hi:  # (huge ints compare exactly)
             raise ValueError(f"{name} is {v!r}; give a finite number from {f.lo:g} to {f.hi:g}")
         if f.widget == "int" and int(v) != v:
             raise ValueError(f"{name} is {v!r}; give a whole number")

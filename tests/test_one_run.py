@@ -86,6 +86,21 @@ def test_new_face_old_face_and_cli_export_the_same_files(comfy, setup, tmp_path)
     assert sorted(p.name for p in (tmp_path / "run").glob("one_cli*.safetensors")) == [
         "one_cli.safetensors", "one_cli_best.safetensors"]
 
+    # --comfyui: the export goes into that ComfyUI's models/loras, next to what is there, and says where
+    comfy_dir = tmp_path / "ComfyUI"
+    (comfy_dir / "models" / "loras").mkdir(parents=True)
+    (comfy_dir / "models" / "loras" / "one_cli.safetensors").write_bytes(b"someone else's LoRA")
+    cfg = (tmp_path / "run.toml").read_text().replace('dir = "run"', 'dir = "run2"')
+    (tmp_path / "run2.toml").write_text(cfg)
+    to_comfy = subprocess.run([sys.executable, str(REPO / "scripts" / "oboro-train"), str(tmp_path / "run2.toml"),
+                               "--comfyui", str(comfy_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert to_comfy.returncode == 0, (to_comfy.stdout + to_comfy.stderr)[-3000:]
+    written = comfy_dir / "models" / "loras" / "one_cli_00001_.safetensors"
+    assert f"oboro-train: wrote {written}" in to_comfy.stdout
+    assert (comfy_dir / "models" / "loras" / "one_cli.safetensors").read_bytes() == b"someone else's LoRA"
+    assert worst(load_file(str(written)), load_file(str(tmp_path / "run" / "one_cli.safetensors"))) <= TOL
+
 
 def test_requeue_new_data_and_new_base_never_resume_silently(comfy, setup, tmp_path):
     loras = comfy.models / "loras"

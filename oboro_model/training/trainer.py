@@ -110,10 +110,10 @@ class TrainConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{f.name} is {v}; give a finite number")
-        if not self.lr > 0 or self.weight_decay < 0 or (self.clip_grad_norm or 0) < 0 or self.t_std <= 0 \
+        if self.lr < 0 or self.weight_decay < 0 or (self.clip_grad_norm or 0) < 0 or self.t_std <= 0 \
                 or self.t_shift <= 0 or self.sigma < 0:
-            raise ValueError(f"lr {self.lr} must be > 0, weight_decay {self.weight_decay}, clip_grad_norm "
-                             f"{self.clip_grad_norm} and sigma {self.sigma} >= 0, t_std {self.t_std} and t_shift "
+            raise ValueError(f"lr {self.lr}, weight_decay {self.weight_decay}, clip_grad_norm "
+                             f"{self.clip_grad_norm} and sigma {self.sigma} must be >= 0, t_std {self.t_std} and t_shift "
                              f"{self.t_shift} > 0")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"steps, batch_size, grad_accum must be >= 1: {self.steps}, {self.batch_size}, {self.grad_accum}")
