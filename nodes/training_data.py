@@ -141,6 +141,12 @@ class OboroCacheLatents(io.ComfyNode):
                                 tooltip="A file of images to skip, one path relative to dataset_dir per line "
                                         "(OboroDedupDataset's exclude_list). Same path rule as dataset_dir. "
                                         "Empty: none."),
+                io.Boolean.Input("require_licence", default=False, optional=True,
+                                 tooltip="Refuse (writing nothing) to cache a dataset with any image without a "
+                                         "licence: a `licence` column in metadata.jsonl / metadata.csv, or a "
+                                         "LICENSE / licence.txt / license.txt file (first line) in its folder or "
+                                         "a folder above. The cache records every image's licence, consent, "
+                                         "source and author either way (docs/provenance.md)."),
             ],
             outputs=[io.String.Output("cache_dir", display_name="cache_dir"),
                      io.String.Output("report", display_name="report")],
@@ -177,7 +183,8 @@ class OboroCacheLatents(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset_dir, vae, clip, policy, size, area, max_tokens, cache_name, score_column="",
-                height=0, seed=0, mask_dir="", alpha_mask=False, exclude_list="") -> io.NodeOutput:
+                height=0, seed=0, mask_dir="", alpha_mask=False, exclude_list="",
+                require_licence=False) -> io.NodeOutput:
         if vae is None or clip is None:
             raise RuntimeError("connect a VAE and a text encoder (OboroT5Loader)")
         ratio = vae.spacial_compression_encode()
@@ -206,11 +213,11 @@ class OboroCacheLatents(io.ComfyNode):
         transform = default_latent_transform(int(vae.latent_channels))
         report = build_cache(dataset, folder, vae_encoder(vae), clip_encoder(clip, max_tokens, stats), settings,
                              progress=lambda done, total: pbar.update_absolute(done, total), transform=transform,
-                             what=f"OboroCacheLatents of {dataset_dir}")
+                             what=f"OboroCacheLatents of {dataset_dir}", require_licence=bool(require_licence))
         summary = {"cache_dir": str(folder), "items": report["items"], "encoded": report["encoded"],
                    "reused": report["reused"], "skipped_count": len(report["skipped"]),
                    "captions_truncated": stats["truncated"], "buckets": [list(b) for b in dataset.buckets],
-                   **({"loss_masks": masks.counts()} if masks is not None else {}),
+                   **({"loss_masks": masks.counts()} if masks is not None else {}), "dataset": report["dataset"],
                    "skipped": report["skipped"]}
         text = json.dumps(summary, indent=1, ensure_ascii=False)
         log.info("OboroCacheLatents: %s: %d items (%d encoded, %d reused), %d skipped", folder, report["items"],

@@ -3,7 +3,9 @@
 Layout of a cache folder:
   manifest.json            {"format": "oboro-latent-cache", "version": 1, "settings": {...},
                             "items": [{"file", "sha256", "image_sha256", "caption", "bucket",
-                                       "shard", "key", "latent_shape", "text_len"}, ...], "skipped": [...]}
+                                       "shard", "key", "latent_shape", "text_len", "caption_sha256"
+                                       [, "licence", "consent", "source", "author"]}, ...],
+                            "skipped": [...], "dataset": {"digest", "items", "licences"}}
   shard_00000.safetensors  latent_<key> [C,h,w], text_<key> [L,D], text_mask_<key> [L]
                            (+ lossmask_<key> [h,w] for items with a loss mask, masks.py)
   empty_prompt.safetensors text [Le,D], text_mask [Le]: the text encoder's "" (caption dropout)
@@ -11,7 +13,12 @@ The manifest also records (outside `settings`, so item hashes do not depend on t
   "latent_transform": {"format": name, "scale": s, "shift": f}: what turns a stored latent into
       the model's input, (latent - shift) * scale (ComfyUI's latent_format.process_in);
   "empty_prompt": "empty_prompt.safetensors";
-  "dataset_dir": the image folder it was built from (a kohya `N_name` there means N repeats).
+  "dataset_dir": the image folder it was built from (a kohya `N_name` there means N repeats);
+  "dataset": the dataset's provenance record (oboro_model/provenance.py, docs/provenance.md): its
+      order-independent digest over the items' image sha256, caption sha256 and licence / consent /
+      source / author (each item records those its data gives), the item count and the count per
+      licence ("none": no licence). `require_licence` refuses, writing nothing, a dataset with an
+      unlicensed image.
 An item with a loss mask (data/masks.py) has "loss_mask" (the mask's sha256, or "alpha"), which
 enters its hash; items without one hash exactly as before.
 Every front end (training nodes, scripts/oboro-train) reads a cache through LatentCache and so
@@ -47,6 +54,7 @@ from safetensors import safe_open
 
 from ..atomic import atomic_write, save_safetensors
 from ..folder_lock import folder_lock
+from ..provenance import dataset_record, licence_error, unlicensed
 from .cache_check import check_items, shard_error
 from .cache_files import check_cache_folder, journal_names, note_shard, remove_unused
 
@@ -129,6 +137,7 @@ class LatentCache(torch.utils.data.Dataset):
         self.settings, self.items, self.skipped = m.get("settings", {}), m["items"], m.get("skipped", [])
         self.latent_transform: Optional[dict] = m.get("latent_transform")
         self.dataset_dir: Optional[str] = m.get("dataset_dir")  # the image folder (its N_name = repeats)
+        self.dataset_record: Optional[dict] = m.get("dataset")  # provenance.py; None: an older cache
         self._handles: dict = {}
         if transform == "manifest":
             transform = ScaleShift(self.resolved_transform())
@@ -254,7 +263,8 @@ def _write_empty_prompt(folder: Path, encode_text: Callable, previous: Optional[
 def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, settings: dict,
                 shard_size: int = 256, batch_size: int = 8,
                 progress: Optional[Callable[[int, int], None]] = None,
-                transform: Optional[dict] = None, what: Optional[str] = None) -> dict:
+                transform: Optional[dict] = None, what: Optional[str] = None,
+                require_licence: bool = False) -> dict:
     """Encode `dataset` (an OboroDataset, or anything with source(i), settings(), __getitem__)
     into `folder`. encode_image(pixels [B,3,H,W] in [0,1]) -> latents [B,C,h,w];
     encode_text(list of captions) -> (hidden states, masks), each a [B,...] tensor or a list of
@@ -262,10 +272,13 @@ def build_cache(dataset, folder, encode_image: Callable, encode_text: Callable, 
     the empty prompt. `settings` (JSON-serialisable) name the encoders. `transform`
     (latent_transform(...)) records the latent format the latents are meant for (default: oboro's
     rule for their channel count). `what` names this build in the folder lock (who holds it, for
-    the error a concurrent build gets). Returns {"encoded", "reused", "skipped": [{file, reason}],
-    "items", "folder"}.
+    the error a concurrent build gets). `require_licence`: refuse (ValueError naming the first
+    unlicensed files and their count), before touching the folder, when any item has no licence.
+    Returns {"encoded", "reused", "skipped": [{file, reason}], "items", "folder", "dataset"}.
     Raises folder_lock.FolderBusy, changing nothing, while another build holds the folder."""
     folder = Path(folder)
+    if require_licence:
+        check_licences(dataset)
     check_cache_folder(folder, read_manifest(folder), MANIFEST)  # before the lock adds its marker file
     root = getattr(dataset, "root", None)
     with folder_lock(folder, what or f"latent cache build{f' of {root}' if root else ''}"):
@@ -341,11 +354,21 @@ def _build(dataset, folder: Path, prev: Optional[dict], encode_image, encode_tex
     _write_empty_prompt(folder, encode_text, prev, base)
     if transform is None:
         transform = default_latent_transform(int(items[0]["latent_shape"][0]) if items else 3)
+    record = dataset_record(items)
     manifest = {"format": FORMAT, "version": VERSION, "settings": base, "latent_transform": dict(transform),
-                "empty_prompt": EMPTY_PROMPT, "items": items, "skipped": skipped}
+                "empty_prompt": EMPTY_PROMPT, "items": items, "skipped": skipped, "dataset": record}
     if getattr(dataset, "root", None):
         manifest["dataset_dir"] = str(dataset.root)
     _write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     remove_unused(folder, prev, journal_names(folder), {it["shard"] for it in items}, (MANIFEST, EMPTY_PROMPT))
     return {"encoded": encoded, "reused": len(items) - encoded, "skipped": skipped, "items": len(items),
-            "folder": str(folder)}
+            "folder": str(folder), "dataset": record}
+
+
+def check_licences(dataset) -> None:
+    """require_licence: raise, naming the first unlicensed files and their count, if any item of
+    `dataset` (its source(i)) has no licence."""
+    sources = [dataset.source(i) for i in range(len(dataset))]
+    missing = unlicensed(sources)
+    if missing:
+        raise ValueError(licence_error(getattr(dataset, "root", None) or "dataset", missing, len(sources)))

@@ -86,9 +86,13 @@ class OboroDataset(torch.utils.data.Dataset):
                 "score_column": self.score_column}
 
     def source(self, i: int) -> dict:
-        """What identifies item i's content without decoding it (used by the latent cache)."""
+        """What identifies item i's content without decoding it (used by the latent cache), plus its
+        caption's sha256 and the provenance fields its data gives (licence, consent, source, author;
+        absent when not given), which the cache records (oboro_model/provenance.py)."""
         e = self.entries[i]
-        return {"file": e.file, "image_sha256": e.sha256, "caption": e.caption, "bucket": list(self.bucket_of(i))}
+        return {"file": e.file, "image_sha256": e.sha256, "caption": e.caption, "bucket": list(self.bucket_of(i)),
+                "caption_sha256": hashlib.sha256(e.caption.encode("utf-8")).hexdigest(),
+                **{k: v for k, v in e.provenance.items() if v is not None}}
 
     def set_epoch(self, epoch: int) -> None:
         """Random crops are drawn from (seed, epoch, file); caches use epoch 0."""

@@ -8,7 +8,7 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +19,12 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 FILE_COLUMNS = ("file_name", "file", "image")
 TEXT_COLUMNS = ("text", "caption")
+# Provenance (docs/provenance.md): metadata columns recorded per image, and the per-folder licence
+# files whose first non-empty line is the licence of every image in that folder and below that has
+# none of its own (the nearest folder's file wins; in one folder, the first of these names).
+PROVENANCE_FIELDS = ("licence", "consent", "source", "author")
+COLUMN_ALIASES = {"licence": ("licence", "license")}  # a `licence` column wins over `license`
+LICENCE_FILES = ("LICENSE", "licence.txt", "license.txt")
 
 # The paper's quality tags (section IV-A). Lower bounds are inclusive, upper bounds exclusive:
 # score >= 6.0 excellent; 5.2 <= score < 6.0 good; 4.0 <= score < 5.2 average; score < 4.0 dropped.
@@ -45,6 +51,45 @@ class Entry:
     size: tuple[int, int]      # (w, h) after EXIF orientation
     sha256: str                # of the image file's bytes
     score: Optional[float] = None
+    provenance: dict = field(default_factory=dict)  # PROVENANCE_FIELDS -> str or None
+
+
+def provenance_value(raw) -> Optional[str]:
+    """A metadata cell as a provenance field: a string stripped (empty: None), null/missing None,
+    anything else (true, 3, a list) its compact JSON text ("true", "3")."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return raw.strip() or None
+    return json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def row_provenance(row: dict) -> dict:
+    """The provenance fields a metadata row gives (each None when absent or empty)."""
+    out = {}
+    for name in PROVENANCE_FIELDS:
+        out[name] = next((v for c in COLUMN_ALIASES.get(name, (name,))
+                          if (v := provenance_value(row.get(c))) is not None), None)
+    return out
+
+
+def folder_licence(d: Path, report: list, root: Path) -> Optional[str]:
+    """The first non-empty line of `d`'s licence file (LICENCE_FILES, first found), or None."""
+    for name in LICENCE_FILES:
+        p = d / name
+        if not p.is_file():
+            continue
+        rel = p.relative_to(root).as_posix()
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            report.append({"file": rel, "reason": f"unreadable licence file: {e}"})
+            return None
+        line = next((ln.strip() for ln in text.splitlines() if ln.strip()), None)
+        if line is None:
+            report.append({"file": rel, "reason": "empty licence file (ignored)"})
+        return line
+    return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -97,9 +142,11 @@ def _read_rows(meta: Path, name: str) -> tuple[list[dict], list[dict]]:
     return rows, problems
 
 
-def read_metadata(root: Path, dirs: list[Path], score_column: Optional[str]) -> tuple[dict, list[dict]]:
+def read_metadata(root: Path, dirs: list[Path], score_column: Optional[str],
+                  provenance: bool = False) -> tuple[dict, list[dict]]:
     """{relative image path: (text or None, raw score or None)} from every metadata.jsonl /
-    metadata.csv; `file_name` is relative to the metadata file's folder (Hugging Face imagefolder)."""
+    metadata.csv; `file_name` is relative to the metadata file's folder (Hugging Face imagefolder).
+    With `provenance`, each value has a third element: the row's provenance fields (row_provenance)."""
     out, report = {}, []
     for d in dirs:
         for name in METADATA_FILES:
@@ -120,7 +167,8 @@ def read_metadata(root: Path, dirs: list[Path], score_column: Optional[str]) -> 
                     continue
                 text = next((row[c] for c in TEXT_COLUMNS if row.get(c) is not None), None)
                 score = row.get(score_column) if score_column else None
-                out[target.relative_to(root).as_posix()] = (None if text is None else str(text), score)
+                value = (None if text is None else str(text), score)
+                out[target.relative_to(root).as_posix()] = value + (row_provenance(row),) if provenance else value
     return out, report
 
 
@@ -136,7 +184,9 @@ def scan(root: str | Path, score_column: Optional[str] = None,
          exclude: Optional[set[str]] = None) -> tuple[list[Entry], list[dict]]:
     """Every image under root (recursive; hidden files and folders are ignored), sorted by path,
     with its caption: a metadata row's text if there is one, else the sidecar `<stem>.txt`.
-    `exclude`: relative paths to skip (an exclusion list, see exclusions.py).
+    `exclude`: relative paths to skip (an exclusion list, see exclusions.py). Each entry's
+    `provenance` holds licence / consent / source / author from its metadata row, the licence
+    falling back to the nearest folder licence file (LICENCE_FILES) at or below root.
     Returns (entries, report); the report lists each skipped file with the reason."""
     root = Path(os.path.normpath(Path(root).absolute()))
     if not root.is_dir():
@@ -146,7 +196,8 @@ def scan(root: str | Path, score_column: Optional[str] = None,
         subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
         dirs.append(Path(d))
         files += [Path(d) / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTS]
-    meta, report = read_metadata(root, dirs, score_column)
+    meta, report = read_metadata(root, dirs, score_column, provenance=True)
+    licences = {d: lic for d in dirs if (lic := folder_licence(d, report, root)) is not None}
     found = {p.relative_to(root).as_posix(): p for p in files}
     report += [{"file": rel, "reason": "listed in metadata but the file does not exist"}
                for rel in sorted(set(meta) - set(found))]
@@ -156,7 +207,7 @@ def scan(root: str | Path, score_column: Optional[str] = None,
         if exclude and rel in exclude:
             skip("excluded by the exclusion list (a near-duplicate)")
             continue
-        text, raw_score = meta.get(rel, (None, None))
+        text, raw_score, prov = meta.get(rel, (None, None, None))
         sidecar = path.with_suffix(".txt")
         if text is None and sidecar.is_file():
             try:
@@ -190,5 +241,11 @@ def scan(root: str | Path, score_column: Optional[str] = None,
             skip(f"unreadable image: {type(e).__name__}: {e}")
             continue
         caption = with_tag(text, quality_tag(score) if score is not None else None)
-        entries.append(Entry(path, rel, caption, size, hashlib.sha256(data).hexdigest(), score))
+        prov = dict(prov or dict.fromkeys(PROVENANCE_FIELDS))
+        if prov["licence"] is None:
+            d = path.parent
+            while prov["licence"] is None and d.is_relative_to(root):
+                prov["licence"] = licences.get(d)
+                d = d.parent
+        entries.append(Entry(path, rel, caption, size, hashlib.sha256(data).hexdigest(), score, prov))
     return entries, report

@@ -8,7 +8,8 @@ never replaced silently; see naming.free_target):
                            checkpoint, or a mask adapter)
   <name>_best.safetensors  with validation: the weights of the best validation loss
 Metadata `oboro_training` (JSON): kind, step, the run identity's digests (data, base, settings),
-items, and the main settings. Nothing non-finite is ever written: the export refuses, naming the
+items, and the main settings. `oboro_provenance` (JSON, docs/provenance.md): format, kind, base and
+settings digests, each cache's role / dataset digest / items / licence counts, pack version. Nothing non-finite is ever written: the export refuses, naming the
 tensor, and the run's last good training state stays for a resume with other settings.
 """
 from __future__ import annotations
@@ -18,12 +19,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from ..checkpoint import save_checkpoint
 from ..naming import claim_free_target
+from ..provenance import METADATA_KEY, export_metadata
 from .swap import exported_weights
 from .validation import best_weights
 
@@ -66,13 +68,15 @@ def check_finite(trainer, what: str) -> None:
                              f"t_mean, or resume from an earlier state in {trainer.config.output_dir}")
 
 
-def metadata(trainer, spec: ExportSpec, identity: Mapping, items: int) -> dict:
+def metadata(trainer, spec: ExportSpec, identity: Mapping, items: int, datasets: Sequence[Mapping] = ()) -> dict:
+    """The exported files' safetensors metadata. `datasets`: provenance.run_datasets of the run."""
     c = trainer.config
     info = {"kind": spec.kind, "step": trainer.step, "items": items, "lr": c.lr, "batch_size": c.batch_size,
             "grad_accum": c.grad_accum, "optimizer": c.optimizer, "seed": c.seed, "ema_decay": c.ema_decay,
             "data_digest": identity.get("data"), "base_digest": identity.get("base"),
             "settings_digest": identity.get("settings")}
-    return {"oboro_training": json.dumps(info), **dict(spec.extra_metadata)}
+    prov = export_metadata(spec.kind, identity.get("base"), datasets, identity.get("settings"))
+    return {"oboro_training": json.dumps(info), METADATA_KEY: prov, **dict(spec.extra_metadata)}
 
 
 def _write(path: Path, spec: ExportSpec, net, meta: dict) -> Path:
@@ -97,9 +101,10 @@ def _write_as(path: Path, spec: ExportSpec, net, meta: dict) -> Path:
     return path
 
 
-def export(trainer, spec: ExportSpec, identity: Mapping, items: int) -> dict:
-    """Main process: write the files above; returns {"path": main file, "best_path": ... or absent}."""
-    folder, meta = Path(spec.folder), metadata(trainer, spec, identity, items)
+def export(trainer, spec: ExportSpec, identity: Mapping, items: int, datasets: Sequence[Mapping] = ()) -> dict:
+    """Main process: write the files above; returns {"path": main file, "best_path": ... or absent}.
+    `datasets`: the run's caches as provenance.run_datasets gives them (role, digest, items, licences)."""
+    folder, meta = Path(spec.folder), metadata(trainer, spec, identity, items, datasets)
     out = {}
     with exported_weights(trainer):
         check_finite(trainer, f"export of {spec.name}")

@@ -19,6 +19,7 @@ import torch
 
 from ..data import LatentCache
 from ..folder_lock import folder_lock
+from ..provenance import run_datasets
 from . import identity as ident
 from .datasets import has_loss_masks, open_training_data
 from .export import ExportSpec, export
@@ -267,7 +268,7 @@ def run(spec: RunSpec, net: torch.nn.Module, hooks: Optional[RunHooks] = None) -
             job.save()
         files = {}
         if spec.export is not None and dist.is_main:
-            files = export(trainer, spec.export, identity, len(trainer.dataset))
+            files = export(trainer, spec.export, identity, len(trainer.dataset), datasets=run_datasets(data, val))
             ident.write_run(folder, identity, finished={"step": trainer.step, "files": files})
         dist.barrier()
         if dist.is_main:
