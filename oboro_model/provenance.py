@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -121,10 +121,15 @@ def run_datasets(data, validation=None) -> list[dict]:
 
 
 def pack_version() -> Optional[str]:
+    """`version` of this pack's pyproject.toml ([project] table; read without tomllib, which Python
+    3.10 lacks), or None when the file is not there."""
     try:
-        return tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["version"]
-    except (OSError, KeyError, ValueError):
+        text = PYPROJECT.read_text(encoding="utf-8")
+    except OSError:
         return None
+    project = re.search(r"^\[project\][ \t]*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    m = re.search(r"""^version\s*=\s*["']([^"']+)["']""", project.group(1) if project else "", re.M)
+    return m.group(1) if m else None
 
 
 def export_metadata(kind: str, base_digest: Optional[str], datasets: Iterable[Mapping],
