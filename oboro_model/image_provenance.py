@@ -293,7 +293,11 @@ def _algorithm(key_pem: bytes) -> str:
 
 def load_signer(cert: Path, key: Path):
     """A c2pa.Signer from PEM files (algorithm from the key type; OBORO_C2PA_TSA: a timestamp URL)."""
-    import c2pa
+    try:
+        import c2pa
+    except ImportError:
+        raise RuntimeError(f"a C2PA certificate is configured ({cert}) but c2pa-python is not installed: "
+                           "pip install -r requirements.txt in ComfyUI's environment") from None
     key_pem = Path(key).read_bytes()
     return c2pa.Signer.from_info(c2pa.C2paSignerInfo(alg=_algorithm(key_pem).encode(), sign_cert=Path(cert).read_bytes(),
                                                      private_key=key_pem, ta_url=os.environ.get(TSA_ENV) or None))

@@ -48,7 +48,8 @@ def describe(record: dict, say) -> None:
         say(f"               trained as {prov.get('kind')} on base {prov.get('base_digest')}, settings "
             f"{prov.get('settings_digest')}, pack {prov.get('pack_version')}")
         for ds in prov.get("datasets") or []:
-            say(f"               dataset {ds.get('role', '?'):<10} {ds.get('digest')}  {ds.get('items')} item(s)  "
+            say(f"               dataset {ds.get('role', '?'):<10} {ds.get('digest') or 'digest unknown (old cache)'}  "
+                f"{ds.get('items')} item(s)  "
                 f"licences: {licences(ds)}")
 
 

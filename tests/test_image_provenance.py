@@ -110,8 +110,9 @@ def setup(tmp_path_factory):
     save_t5(models / "text_encoders" / T5, tiny_t5())
     train = root / "train"
     train.mkdir()
-    for i in range(8):
+    for i in range(8):  # captioned: the dataset digest covers captioned images only (docs/provenance.md)
         shape_image(i).save(train / f"t{i}.png")
+        (train / f"t{i}.txt").write_text(f"shape {i}")
     digest, stand_in = digest_fn()
     ds_digest = digest(train)
     ds_digest = ds_digest["digest"] if isinstance(ds_digest, dict) else ds_digest
