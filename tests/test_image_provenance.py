@@ -334,3 +334,25 @@ def test_ledger_line_carries_the_record(tmp_path):
         out.commit(job, [(plain, "", "ComfyUI_00001_.png")], 1.0)
     lines = [json.loads(x) for x in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
     assert lines[0]["provenance"] == rec and "provenance" not in lines[1]
+
+
+def test_signing_files_from_user_folder_or_environment(tmp_path, monkeypatch):
+    """The admin's certificate: both variables, else <user>/oboro/c2pa/{cert,key}.pem, else none;
+    half a configuration is an error naming what is missing."""
+    monkeypatch.delenv(ip.CERT_ENV, raising=False)
+    monkeypatch.delenv(ip.KEY_ENV, raising=False)
+    user = tmp_path / "user"
+    assert ip.signing_files(str(user)) is None
+    cert, key = make_ca_and_signer(user / "oboro" / "c2pa")
+    assert ip.signing_files(str(user)) == (cert, key)
+    monkeypatch.setenv(ip.CERT_ENV, str(cert))
+    with pytest.raises(ValueError, match=ip.KEY_ENV):
+        ip.signing_files(str(user))
+    monkeypatch.setenv(ip.KEY_ENV, str(tmp_path / "missing.pem"))
+    with pytest.raises(FileNotFoundError, match="missing.pem"):
+        ip.signing_files(str(user))
+    (cert.parent / "key.pem").unlink()
+    monkeypatch.delenv(ip.CERT_ENV)
+    monkeypatch.delenv(ip.KEY_ENV)
+    with pytest.raises(FileNotFoundError, match="key.pem"):
+        ip.signing_files(str(user))
