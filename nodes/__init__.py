@@ -9,6 +9,7 @@ from .dataset_prep import OboroCaptionDataset, OboroDedupDataset, OboroScoreData
 from .loader import OboroModelLoader
 from .mask_control import OboroApplyMaskControl, OboroMaskAdapterLoader
 from .mask_training import OboroTrainMaskAdapter
+from .provenance import OboroNearCopyCheck, OboroSaveImage
 from .sampling import EmptyOboroLatentImage, OboroFlowScheduler, OboroSampler, SamplerOboroICFM
 from .step_cache import OboroTaylorCache
 from .text_encoder import OboroT5Loader, OboroTextEncode
@@ -25,4 +26,5 @@ class OboroExtension(ComfyExtension):
                 OboroDedupDataset, OboroCaptionDataset, OboroScoreDataset,
                 OboroCacheLatents, OboroLoRATrainer, OboroFullTrainer, OboroTrainingOptions, OboroTrainingData,
                 OboroTrainLoRA, OboroTrainFull,
-                OboroMaskAdapterLoader, OboroApplyMaskControl, OboroTrainMaskAdapter]
+                OboroMaskAdapterLoader, OboroApplyMaskControl, OboroTrainMaskAdapter,
+                OboroSaveImage, OboroNearCopyCheck]

@@ -174,7 +174,7 @@ class NodeHooks(RunHooks):
             self.cancelled = True
 
 
-def preview_setup(v: dict, clip, vae, latent_format, cache_first, node: str, net_ref: dict, device, amp):
+def preview_setup(v: dict, clip, vae, latent_format, cache_first, node: str, device, amp):
     """(Previews or None, render(trainer, step) -> PIL image) for the node's preview inputs."""
     prompts = [p.strip() for p in (v.get("preview_prompts") or "").splitlines() if p.strip()]
     if v.get("preview_every", 0) <= 0:
@@ -215,7 +215,7 @@ def run_node(kind: str, node: str, model, inputs: dict):
     device = mm.get_torch_device()
     amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.config.precision]
     pv, render = preview_setup(v, clip, vae, fmt, {**first[0], "max_tokens": first.settings.get("max_tokens", 256)},
-                               node, {}, device, amp)
+                               node, device, amp)
     empty = None
     if first.empty_text is None and clip is not None:  # an older cache: T5("") encoded here
         empty = encode_plain(clip, "", int(first.settings.get("max_tokens", 256)))

@@ -4,7 +4,11 @@ file under its final name), one complete runs.jsonl line per job, and progress o
 File names come from the job, not from ComfyUI's counter (which restarts per job embedded and keeps
 counting on a server): `<subfolder>/NNNNN-s<seed>-<prompt slug>-<save prefix><ext>`, the save
 node's filename_prefix without ComfyUI's `_00001_` counter, and `-<k>` (zero-padded, in save order)
-when one save node writes several files, so both backends name the same job's files alike."""
+when one save node writes several files, so both backends name the same job's files alike.
+
+A job whose PNGs carry OboroSaveImage's provenance record (oboro_model/image_provenance.py: model,
+T5, VAE and LoRA digests with their datasets and licences) has it on its runs.jsonl line as
+`provenance`, read back from the files themselves (so both backends record the same)."""
 from __future__ import annotations
 
 import json
@@ -56,6 +60,17 @@ def file_names(stem: str, files) -> list[tuple[str, str]]:
         seen[(sub, prefix)] += 1
         names.append((sub, "-".join(filter(None, (stem, prefix))) + k + ext))
     return names
+
+
+def provenance_of(out: Path, saved: list[str]):
+    """The provenance record OboroSaveImage put in a job's PNGs (image_provenance.py): the record
+    when they all carry the same one, {file: record} when they differ, None when none has one."""
+    from ..oboro_model.image_provenance import read_image_record
+    found = {s: r for s in saved if s.lower().endswith(".png") and (r := read_image_record(out / s)) is not None}
+    records = list(found.values())
+    if not records:
+        return None
+    return records[0] if all(r == records[0] for r in records) else found
 
 
 def _last_byte(path: Path) -> bytes:
@@ -118,6 +133,9 @@ class Output:
             record = {"job": job.index, "id": job.id, "workflow": job.workflow, "row": job.row,
                       "overrides": job.overrides, "seed": job.seed, "outputs": saved, "seconds": round(seconds, 3),
                       **extra}
+            prov = provenance_of(self.dir, saved)
+            if prov:
+                record["provenance"] = prov
             if error is not None:
                 record["error"] = error.strip()
             log = self.dir / "runs.jsonl"
