@@ -276,11 +276,9 @@ def test_training_workflow_runs(comfy, setup, model_root, folder, name):
 def test_saved_workflows_train_to_the_same_result_as_the_templates(comfy, setup, model_root, name):
     """A workflow saved with the old all-in-one node trains to the same weights as today's template."""
     kind = "loras" if "lora" in name else "diffusion_models"
-    for folder in (REPO / "example_workflows", LEGACY):
-        path = comfy.models / kind / f"tn_wf_{folder.name}_{name}.safetensors"
-        if not path.is_file():
-            run_template(comfy, setup, model_root, folder, name, path.stem)
-    new = load_file(str(comfy.models / kind / f"tn_wf_example_workflows_{name}.safetensors"))
-    old = load_file(str(comfy.models / kind / f"tn_wf_legacy_workflows_{name}.safetensors"))
+    for folder in (REPO / "example_workflows", LEGACY):  # names of their own: tests may run in any order
+        run_template(comfy, setup, model_root, folder, name, f"tn_same_{folder.name}_{name}")
+    new = load_file(str(comfy.models / kind / f"tn_same_example_workflows_{name}.safetensors"))
+    old = load_file(str(comfy.models / kind / f"tn_same_legacy_workflows_{name}.safetensors"))
     assert new.keys() == old.keys()
     assert max((new[k].float() - old[k].float()).abs().max().item() for k in new) <= 1e-6
