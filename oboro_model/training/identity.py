@@ -50,9 +50,11 @@ def weights_digest(state_dict: Mapping[str, torch.Tensor], scales: Optional[Mapp
 
 def cache_digest(cache) -> str:
     """Order-independent digest of a latent cache's content: its items' hashes (image bytes +
-    caption + encoding settings) and the latent transform it is read with."""
+    caption + encoding settings), their licence records (a changed licence is another run, so an
+    export never carries stale provenance) and the latent transform it is read with."""
     src = getattr(cache, "cache", cache)
-    items = sorted(it.get("sha256", "") + it.get("loss_mask", "") for it in src.items)
+    items = sorted(json.dumps([it.get(k) for k in ("sha256", "loss_mask", "licence", "consent", "source", "author")])
+                   for it in src.items)
     return _sha({"items": items, "transform": getattr(src, "latent_transform", None)})
 
 
