@@ -116,10 +116,9 @@ def latent_fit_error(in_channels: int, latent) -> str | None:
     what = "an empty latent" if empty else "a latent"
     msg = f"{what} with {_channels(c)}, {w}x{h}, does not fit this oboro model, which takes {_channels(in_channels)}"
     if not same_scale and in_channels == 3:
-        msg += (f": it would be sampled as a {w}x{h} image instead of the {8 * w}x{8 * h} one that latent stands "
-                "for")
+        msg += f": the image would come out {w}x{h} instead of the {8 * w}x{8 * h} that latent stands for"
     elif not same_scale:
-        msg += f": it would be sampled as a {8 * w}x{8 * h} image, 64 times the work, instead of {w}x{h}"
+        msg += f": sampling would run at {8 * w}x{8 * h}, 64 times the work, instead of {w}x{h}"
     fix = EMPTY_LATENT_CHOICE.get(in_channels)
     msg += (f". Set oboro Empty Latent Image's channels to {fix!r}" if fix else
             f". Give it a {in_channels}-channel latent")
