@@ -83,15 +83,20 @@ def _channels_before_fix(in_channels: int, latent: torch.Tensor):
     the original tensor) or repeating them (a view of the repeated tensor), keeping its height and
     width. That is right when both formats have the same scale (core's 4-channel Empty Latent Image
     on a FLUX-VAE model) and wrong across scales: a 16-channel latent (1/8 size) on a pixel-space
-    model would be sampled as a tiny image. The view's base tells which it was."""
-    base = getattr(latent, "_base", None)
-    if (base is None or base.ndim != latent.ndim or base.shape[1] == latent.shape[1]
-            or tuple(base.shape[2:]) != tuple(latent.shape[2:]) or torch.count_nonzero(latent)):
+    model would be sampled as a tiny image. The view's batch stride still spans the channels of
+    the tensor it was cut from (nodes run under inference mode, where views keep no _base)."""
+    if latent.ndim != 4 or latent.shape[1] != in_channels:
         return None
-    if in_channels == 3:  # narrowed down from a VAE latent's channels: the base is that latent
-        return int(base.shape[1])
+    h, w = latent.shape[-2:]
+    if latent.stride()[1:] != (h * w, w, 1) or latent.stride(0) % (h * w):
+        return None
+    base = latent.stride(0) // (h * w)
+    if base == in_channels or torch.count_nonzero(latent):
+        return None
+    if in_channels == 3:  # narrowed down from a VAE latent's channels
+        return base if base > 3 else None
     # A latent model's count: only a pixel-space latent, repeated up from 3 channels, is of another scale.
-    return 3 if base.shape[1] == 3 * math.ceil(in_channels / 3) else None
+    return 3 if base == 3 * math.ceil(in_channels / 3) else None
 
 
 def latent_fit_error(in_channels: int, latent) -> str | None:
