@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 
@@ -64,6 +65,91 @@ def comfy_attention(q, k, v, mask=None, transformer_options=None):
 VELOCITY_PATCH = "oboro_velocity"
 
 
+LATENT_GUARD_KEY = "oboro_latent_fit"
+CHANNEL_KINDS = {3: "pixel space: the latent is the image itself", 16: "a FLUX VAE latent, 1/8 of the image size",
+                 4: "an SD latent such as core Empty Latent Image's, 1/8 of the image size"}
+EMPTY_LATENT_CHOICE = {3: "3 (pixel space)", 16: "16 (FLUX VAE)"}  # EmptyOboroLatentImage's channels options
+
+
+def _channels(c: int) -> str:
+    return f"{c} channels ({CHANNEL_KINDS[c]})" if c in CHANNEL_KINDS else f"{c} channels"
+
+
+def _channels_before_fix(in_channels: int, latent: torch.Tensor):
+    """The channel count an all-zero latent had before ComfyUI fitted it to the model, or None.
+
+    comfy.sample.fix_empty_latent_channels (core KSampler, SamplerCustom*, OboroSampler) gives an
+    EMPTY latent of another channel count the model's count by narrowing its channels (a view of
+    the original tensor) or repeating them (a view of the repeated tensor), keeping its height and
+    width. That is right when both formats have the same scale (core's 4-channel Empty Latent Image
+    on a FLUX-VAE model) and wrong across scales: a 16-channel latent (1/8 size) on a pixel-space
+    model would be sampled as a tiny image. The view's batch stride still spans the channels of
+    the tensor it was cut from (nodes run under inference mode, where views keep no _base)."""
+    if latent.ndim != 4 or latent.shape[1] != in_channels:
+        return None
+    h, w = latent.shape[-2:]
+    if latent.stride()[1:] != (h * w, w, 1) or latent.stride(0) % (h * w):
+        return None
+    base = latent.stride(0) // (h * w)
+    if base == in_channels or torch.count_nonzero(latent):
+        return None
+    if in_channels == 3:  # narrowed down from a VAE latent's channels
+        return base if base > 3 else None
+    # A latent model's count: only a pixel-space latent, repeated up from 3 channels, is of another scale.
+    return 3 if base == 3 * math.ceil(in_channels / 3) else None
+
+
+def latent_fit_error(in_channels: int, latent) -> str | None:
+    """Why `latent` cannot be sampled by an oboro model taking `in_channels` channels, or None.
+    A latent of the model's scale with other channels is refused unless empty (ComfyUI adapts an
+    empty latent's channels); one of another scale (pixel space vs 1/8-size VAE latent) always is,
+    empty or not, naming both counts and the size that would come out."""
+    if not torch.is_tensor(latent) or latent.is_nested or latent.ndim != 4:
+        return None
+    c, (h, w) = int(latent.shape[1]), latent.shape[-2:]
+    empty = False
+    if c == in_channels:
+        c = _channels_before_fix(in_channels, latent)
+        if c is None:
+            return None
+        empty = True
+    else:
+        empty = not bool(torch.count_nonzero(latent))
+    same_scale = (c == 3) == (in_channels == 3)
+    if empty and same_scale:
+        return None
+    what = "an empty latent" if empty else "a latent"
+    msg = f"{what} with {_channels(c)}, {w}x{h}, does not fit this oboro model, which takes {_channels(in_channels)}"
+    if not same_scale and in_channels == 3:
+        msg += f": the image would come out {w}x{h} instead of the {8 * w}x{8 * h} that latent stands for"
+    elif not same_scale:
+        msg += f": sampling would run at {8 * w}x{8 * h}, 64 times the work, instead of {w}x{h}"
+    fix = EMPTY_LATENT_CHOICE.get(in_channels)
+    msg += (f". Set oboro Empty Latent Image's channels to {fix!r}" if fix else
+            f". Give it a {in_channels}-channel latent")
+    return msg + (" (and for img2img encode with the VAE the model was trained with: "
+                  f"{'pixel_space' if in_channels == 3 else 'the FLUX VAE ae.safetensors'}).")
+
+
+def oboro_in_channels(model_patcher):
+    """The input channels of an oboro MODEL, or None for any other model."""
+    net = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
+    return net.config.in_channels if isinstance(net, MMHDiT) else None
+
+
+def check_latent(model_patcher, latent) -> None:
+    in_channels = oboro_in_channels(model_patcher)
+    if in_channels is not None and (err := latent_fit_error(in_channels, latent)):
+        raise ValueError(err)
+
+
+def latent_fit_guard(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    """OUTER_SAMPLE wrapper (every sampler node lands here, core KSampler included): the latent as
+    the sampler received it, after ComfyUI's empty-latent channel fix."""
+    check_latent(executor.class_obj.model_patcher, latent_image)
+    return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+
 class OboroComfyDiT(MMHDiT):
     """Built by BaseModel as `unet_model(**unet_config, device, operations)`; same state-dict keys
     as MMHDiT, so LoRA key mapping and our checkpoints need no translation.
@@ -95,6 +181,10 @@ class OboroComfyDiT(MMHDiT):
         ).execute(x, timesteps, context, attention_mask, transformer_options, **kwargs)
 
     def _forward(self, x, timesteps, context, attention_mask=None, transformer_options={}, **kwargs):
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:  # a clear error, not a matmul shape error
+            raise ValueError(latent_fit_error(self.config.in_channels, x) if x.ndim == 4 else
+                             f"the oboro model takes [batch, {self.config.in_channels}, height, width] latents, "
+                             f"got shape {list(x.shape)}")
         h, w = x.shape[-2:]
         p = self.config.patch_size
         x = comfy.ldm.common_dit.pad_to_patch_size(x, (p, p))
@@ -195,6 +285,7 @@ def load_oboro_model(path: str, weight_dtype: str = "default", key_map=None) -> 
              f", scaled {model_config.scaled_fp8}" if marker is not None else "")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     guard_non_finite(patcher)  # a non-finite cfg or model output is an error, not a black image (finite.py)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, LATENT_GUARD_KEY, latent_fit_guard)
     return patcher
 
 

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from .comfy_model import DIT_WEIGHT_DTYPES, load_oboro_model
 from .finite import check_inputs, input_errors
+from .paths import model_file_error
 
 
 class OboroModelLoader(io.ComfyNode):
@@ -13,7 +14,7 @@ class OboroModelLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="OboroModelLoader",
-            display_name="Load oboro Model",
+            display_name="oboro Model Loader",
             category="oboro",
             description="Loads an oboro MMH-DiT checkpoint (e.g. oboro-base-v1-1b.safetensors) from "
                         "models/diffusion_models as a MODEL usable by KSampler and other core nodes.",
@@ -31,8 +32,10 @@ class OboroModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name="", weight_dtype="default"):
-        """ComfyUI 0.3.x checks combo values only for V1 nodes: a name not in the list is refused here."""
-        return input_errors(cls, model_name=model_name, weight_dtype=weight_dtype) or True
+        """ComfyUI 0.3.x checks combo values only for V1 nodes: a name not in the list is refused here,
+        when queued (with the other loaders' missing files in the same error)."""
+        return (model_file_error("OboroModelLoader", "model_name", "diffusion_models", model_name)
+                or input_errors(cls, weight_dtype=weight_dtype) or True)
 
     @classmethod
     def execute(cls, model_name, weight_dtype) -> io.NodeOutput:

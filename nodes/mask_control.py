@@ -40,6 +40,7 @@ from ..oboro_model import MMHDiT
 from ..oboro_model.mask_control import (SHAPE_FIELDS, MaskAdapterConfig, MaskControlDiT, palette_to_labels,
                                         read_mask_adapter, region_mask_to_labels)
 from .comfy_model import VELOCITY_PATCH
+from .paths import model_file_error
 
 log = logging.getLogger("oboro")
 FOLDER, KEY, MAX_ENTRIES = "oboro_mask_adapters", "oboro_mask_control", 8
@@ -183,12 +184,17 @@ class OboroMaskAdapterLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="OboroMaskAdapterLoader", display_name="Load oboro Mask Adapter", category="oboro/mask",
+            node_id="OboroMaskAdapterLoader", display_name="oboro Mask Adapter Loader", category="oboro/mask",
             description="Loads a mask adapter (OboroTrainMaskAdapter) from models/oboro_mask_adapters; checked "
                         "against the model when applied.",
             inputs=[io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(FOLDER),
                                    tooltip="File in models/oboro_mask_adapters.")],
             outputs=[MaskAdapterIO.Output("adapter", display_name="adapter")])
+
+    @classmethod
+    def validate_inputs(cls, adapter_name=""):
+        """Refused when queued, together with any other missing model file of the graph."""
+        return model_file_error("OboroMaskAdapterLoader", "adapter_name", FOLDER, adapter_name) or True
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
@@ -204,8 +210,9 @@ class OboroApplyMaskControl(io.ComfyNode):
                         "of mask_image (colour-coded label map + palette) or mask (one region). Sizes other than the "
                         "image's or the latent's are nearest-resized with a warning.",
             inputs=[
-                io.Model.Input("model"),
-                MaskAdapterIO.Input("adapter"),
+                io.Model.Input("model", tooltip="An oboro model (oboro Model Loader, LoRA applied or not)."),
+                MaskAdapterIO.Input("adapter", tooltip="A mask adapter trained for this base model "
+                                                       "(oboro Mask Adapter Loader)."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Attention weight on the mask: 1 as trained, 0 off, > 1 stronger."),
                 io.Image.Input("mask_image", optional=True, tooltip="Label map; every pixel one palette colour."),

@@ -120,3 +120,17 @@ def confine(root, name: str, what: str, kind: Optional[str] = None, absolute_ok:
     if not path.is_relative_to(root) or path == root:
         raise ValueError(f"{what} {name!r} leaves {root}; use a plain name (or sub/path) inside it")
     return path
+
+
+def model_file_error(node: str, what: str, kind: str, name) -> Optional[str]:
+    """Why `name` is not a file ComfyUI lists in models/<kind> (extra_model_paths.yaml included), or
+    None. Loaders call it from validate_inputs, so a graph missing several model files is refused
+    when queued with every missing file named at once (ComfyUI collects each node's error), not one
+    per run."""
+    if isinstance(name, str) and name in folder_paths.get_filename_list(kind):
+        return None
+    folders = folder_paths.get_folder_paths(kind) if kind in folder_paths.folder_names_and_paths else []
+    where = f"put it in {folders[0]}" if folders else f"no folder is configured for {kind}"
+    also = f" (or another folder of {kind}: {', '.join(folders[1:])})" if len(folders) > 1 else ""
+    return (f"{node}: {what} {str(name)[:200]!r} is not in models/{kind}: {where}{also}, then refresh the "
+            "model lists (R in the browser) or restart; extra_model_paths.yaml can add folders")

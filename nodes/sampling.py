@@ -29,6 +29,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..samplers.ode import SOLVERS, sigma_grid, solve
+from .comfy_model import check_latent
 from .finite import check_inputs, input_errors
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -36,6 +37,8 @@ SIZE_MULTIPLE = 16      # FLUX VAE downsampling 8 x DiT patch 2
 CHANNELS = {"16 (FLUX VAE)": 16, "3 (pixel space)": 3}
 SOLVER_TIP = ("ODE solver: euler (1 model call per step, the reference), heun / midpoint (2 calls, 2nd "
               "order), rk4 (4 calls, 3 on the last step, 4th order). With CFG each call runs both prompts.")
+STEPS_TIP = "Integration steps from noise to data (or from denoise); more steps, closer to the exact ODE path."
+MODEL_TIP = "An oboro model (oboro Model Loader), or any flow-matching MODEL (SD3, Flux...)."
 SHIFT_TIP = ("SD3-style time shift of this schedule, sigma' = shift*sigma / (1 + (shift-1)*sigma); > 1 spends "
              "more steps near noise. Absolute: a ModelSamplingSD3 patch on the model does not change it.")
 
@@ -102,13 +105,16 @@ class OboroSampler(io.ComfyNode):
                         "classifier-free guidance, through ComfyUI's model management (LoRA, patches, "
                         "low VRAM, previews). With denoise < 1 it starts part-way from the input latent.",
             inputs=[
-                io.Model.Input("model"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
+                io.Model.Input("model", tooltip=MODEL_TIP),
+                io.Conditioning.Input("positive", tooltip="What the image should show (oboro Text Encode)."),
+                io.Conditioning.Input("negative", tooltip="What to guide away from; an empty prompt is the usual "
+                                                          "choice. Unused at cfg 1."),
+                io.Latent.Input("latent_image", tooltip="Where to start: oboro Empty Latent Image (its channels must "
+                                                        "match the model: 16 for the FLUX VAE, 3 for pixel space) or "
+                                                        "an encoded image with denoise < 1."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Noise seed; the same seed gives KSampler the same noise."),
-                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=STEPS_TIP),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance scale: u = u_neg + cfg * (u_pos - u_neg); 1 disables it."),
                 io.Combo.Input("solver", options=list(SOLVERS), default="euler", tooltip=SOLVER_TIP),
@@ -132,6 +138,7 @@ class OboroSampler(io.ComfyNode):
                 denoise) -> io.NodeOutput:
         check_inputs(cls, steps=steps, cfg=cfg, shift=shift, denoise=denoise, solver=solver)  # linked values too
         latent = latent_image
+        check_latent(model, latent["samples"])  # before ComfyUI adapts an empty latent's channels
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         out = latent.copy()
         if denoise <= 0:
@@ -157,10 +164,11 @@ class OboroFlowScheduler(io.ComfyNode):
             description="OboroSampler's schedule as SIGMAS for SamplerCustomAdvanced: sigma = 1 - t uniform in "
                         "the unshifted time, from denoise to 0.",
             inputs=[
-                io.Model.Input("model"),
-                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Model.Input("model", tooltip="The model to schedule for (a flow-matching MODEL)."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=STEPS_TIP),
                 io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01, tooltip=SHIFT_TIP),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the path: the sigmas run from denoise to 0 (1: from pure noise)."),
             ],
             outputs=[io.Sigmas.Output()],
         )
@@ -181,8 +189,8 @@ class SamplerOboroICFM(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SamplerOboroICFM",
-            display_name="SamplerOboroICFM",
-            category="sampling/custom_sampling/samplers",
+            display_name="oboro I-CFM Sampler",
+            category="oboro/sampling",
             description="oboro's ODE solvers as a SAMPLER for SamplerCustomAdvanced (any sigmas; deterministic).",
             inputs=[io.Combo.Input("solver", options=list(SOLVERS), default="euler", tooltip=SOLVER_TIP)],
             outputs=[io.Sampler.Output()],
@@ -203,16 +211,21 @@ class EmptyOboroLatentImage(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="EmptyOboroLatentImage",
-            display_name="Empty oboro Latent Image",
+            display_name="oboro Empty Latent Image",
             category="oboro",
             description="An empty latent for oboro: 16 channels at 1/8 size (FLUX VAE), or 3 channels at full "
                         "size for pixel-space models. Width and height must be multiples of 16.",
             inputs=[
-                io.Int.Input("width", default=416, min=SIZE_MULTIPLE, max=MAX_RESOLUTION, step=SIZE_MULTIPLE),
-                io.Int.Input("height", default=736, min=SIZE_MULTIPLE, max=MAX_RESOLUTION, step=SIZE_MULTIPLE),
-                io.Int.Input("batch_size", default=1, min=1, max=4096),
+                io.Int.Input("width", default=416, min=SIZE_MULTIPLE, max=MAX_RESOLUTION, step=SIZE_MULTIPLE,
+                             tooltip="Image width in pixels, a multiple of 16 (the latent is 1/8 of it with "
+                                     "16 channels, the full width with 3)."),
+                io.Int.Input("height", default=736, min=SIZE_MULTIPLE, max=MAX_RESOLUTION, step=SIZE_MULTIPLE,
+                             tooltip="Image height in pixels, a multiple of 16."),
+                io.Int.Input("batch_size", default=1, min=1, max=4096,
+                             tooltip="Images sampled at once (each with its own noise from the one seed)."),
                 io.Combo.Input("channels", options=list(CHANNELS), default="16 (FLUX VAE)",
-                               tooltip="16: FLUX VAE latent (decode with the FLUX VAE); 3: pixel space."),
+                               tooltip="Must match the model: 16 for a FLUX-VAE model (decode with the FLUX VAE), "
+                                       "3 for a pixel-space model such as the offline demo's (VAE pixel_space)."),
             ],
             outputs=[io.Latent.Output()],
         )

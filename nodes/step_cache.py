@@ -88,7 +88,7 @@ class OboroTaylorCache(io.ComfyNode):
                         "max_forecasts + 1 steps (TaylorSeer); > 0: each step runs the first block and forecasts only "
                         "when the first block's forecast is within that relative error (confidence-gated).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="An oboro model; the cache is added as a model patch."),
                 io.Int.Input("order", default=1, min=1, max=3, tooltip="Taylor order (uses order + 1 full steps)."),
                 io.Int.Input("warmup_steps", default=3, min=1, max=1000, tooltip="Full steps at the start."),
                 io.Int.Input("max_forecasts", default=2, min=0, max=100,
@@ -96,8 +96,12 @@ class OboroTaylorCache(io.ComfyNode):
                 io.Float.Input("threshold", default=0.0, min=0.0, max=10.0, step=0.005,
                                tooltip="0: fixed schedule; > 0: forecast only when the first block's forecast "
                                        "relative error is below this."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where in sampling forecasting may begin, as a fraction of the model's "
+                                       "sigma range (0: from the first step; core EasyCache counts the same way)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where forecasting stops (1: to the last step); outside start..end every "
+                                       "step is a full step."),
             ],
             outputs=[io.Model.Output()])
 

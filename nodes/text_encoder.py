@@ -25,6 +25,7 @@ from comfy_api.latest import io
 
 from .comfy_model import WEIGHT_DTYPES
 from .finite import check_inputs, input_errors
+from .paths import model_file_error
 
 log = logging.getLogger("oboro")
 
@@ -177,7 +178,7 @@ class OboroT5Loader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="OboroT5Loader",
-            display_name="Load oboro T5 Text Encoder",
+            display_name="oboro T5 Loader",
             category="oboro",
             description="Loads a T5 v1.1 encoder (t5xxl fp16 / fp8 / scaled fp8 single files, or a Hugging "
                         "Face T5EncoderModel .safetensors, sharded ones via any shard) from "
@@ -195,8 +196,10 @@ class OboroT5Loader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, t5_name="", weight_dtype="default"):
-        """ComfyUI 0.3.x checks combo values only for V1 nodes: a name not in the list is refused here."""
-        return input_errors(cls, t5_name=t5_name, weight_dtype=weight_dtype) or True
+        """ComfyUI 0.3.x checks combo values only for V1 nodes: a name not in the list is refused here,
+        when queued (with the other loaders' missing files in the same error)."""
+        return (model_file_error("OboroT5Loader", "t5_name", "text_encoders", t5_name)
+                or input_errors(cls, weight_dtype=weight_dtype) or True)
 
     @classmethod
     def execute(cls, t5_name, weight_dtype="default") -> io.NodeOutput:
@@ -215,8 +218,10 @@ class OboroTextEncode(io.ComfyNode):
             description="Encodes a prompt with T5 into unpadded hidden states plus the attention mask "
                         "the oboro model uses.",
             inputs=[
-                io.Clip.Input("clip"),
-                io.String.Input("text", multiline=True, dynamic_prompts=True),
+                io.Clip.Input("clip", tooltip="The T5 text encoder from oboro T5 Loader."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                tooltip="The prompt (English, as the model was trained). Empty is allowed: the "
+                                        "usual negative prompt."),
                 io.Int.Input("max_tokens", default=256, min=1, max=MAX_TOKENS, optional=True,
                              tooltip="Most T5 tokens kept, end-of-sequence token included (at most 512, "
                                      "T5's training length). Longer prompts are cut at the end before "

@@ -5,6 +5,9 @@ ComfyUI's own executor in this process, with the offline demo's tiny models (run
 only what makes it CPU-sized changed (model names, 32x32, steps). Nothing is drawn by hand:
 
 - txt2img: 4 captions of the demo, seed 0, one run each, tiled;
+- demo_txt2img: that template exactly as shipped (it is made for the demo's files): its 4 images;
+- txt2img_lora: two demo captions without | with the LoRA (strength 0 | 1) of a short LoRA training
+  run (the lora_training thumbnail's, or one made here), at the demo's own size;
 - img2img: two demo training images, each re-prompted to another colour (input | result);
 - mask_text: two held-out masks of the mask evaluation (runner/mask_eval.py), with their captions
   (mask | result); the adapter comes from `--mask-adapter` or a short oboro-mask-eval run;
@@ -32,7 +35,8 @@ from . import demo
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "example_workflows"
 NAMES = ("oboro_txt2img", "oboro_img2img", "oboro_mask_text", "oboro_lora_training", "oboro_full_finetune",
-         "oboro_dataset_prep")
+         "oboro_dataset_prep", "oboro_demo_txt2img", "oboro_txt2img_lora")
+LORA_TRAINING = "thumbnail_oboro_lora_training"  # output_name of the lora_training thumbnail run
 SIZE, TILE = 32, 128  # generation size of the demo; thumbnail tile (nearest-neighbour upscale)
 MASK_PALETTE = ((0, 0, 0), (230, 80, 80), (80, 200, 80), (80, 120, 230))  # the workflow's default palette
 
@@ -66,6 +70,9 @@ class Runner:
         # the demo's dataset and this scratch folder are read by the templates' nodes (nodes/paths.py)
         os.environ["OBORO_READ_ROOTS"] = os.pathsep.join(
             filter(None, (os.environ.get("OBORO_READ_ROOTS"), str(demo_dir.resolve()), str(work.resolve()))))
+        # ... and the training templates' caches are written there (an absolute cache_name)
+        os.environ["OBORO_ALLOWED_ROOTS"] = os.pathsep.join(
+            filter(None, (os.environ.get("OBORO_ALLOWED_ROOTS"), str(work.resolve()))))
         self.out = work / "output"
         for d in (self.out, work / "input", work / "models" / "diffusion_models", work / "models" / "loras",
                   work / "models" / "oboro_mask_adapters"):
@@ -129,6 +136,28 @@ def txt2img(r: Runner) -> Image.Image:
     ims = [r.images(r.run("oboro_txt2img", {**demo_models(), **empty_latent(), **sampling(dd.caption(*c))}))[0]
            for c in combos]
     return grid([ims[:2], ims[2:]])
+
+
+def demo_txt2img(r: Runner) -> Image.Image:
+    ims = r.images(r.run("oboro_demo_txt2img", {}))
+    return grid([ims[:2], ims[2:4]])
+
+
+def txt2img_lora(r: Runner, demo_dir: Path) -> Image.Image:
+    loras = sorted((r.work / "models" / "loras").glob(f"{LORA_TRAINING}*.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not loras:
+        log("oboro_txt2img_lora: training its LoRA with the lora_training template first")
+        training(r, "oboro_lora_training", demo_dir)
+        loras = sorted((r.work / "models" / "loras").glob(f"{LORA_TRAINING}*.safetensors"),
+                       key=lambda p: p.stat().st_mtime)
+    rows, size = [], demo.parse_args([]).size  # the size the demo trains at (as its template)
+    for combo in (("circle", "red", "white", "center"), ("square", "blue", "black", "left")):
+        rows.append([r.images(r.run("oboro_txt2img_lora", {
+            **demo_models(), **sampling(dd.caption(*combo)),
+            "EmptyOboroLatentImage": {"width": size, "height": size, "channels": "3 (pixel space)"},
+            "LoraLoaderModelOnly": {"lora_name": loras[-1].name, "strength_model": strength}}))[0]
+            for strength in (0.0, 1.0)])
+    return grid(rows)
 
 
 def img2img(r: Runner, demo_dir: Path) -> Image.Image:
@@ -234,7 +263,8 @@ def run(opts) -> int:
               "oboro_mask_text": lambda: mask_text(r, adapter),
               "oboro_lora_training": lambda: training(r, "oboro_lora_training", demo_dir),
               "oboro_full_finetune": lambda: training(r, "oboro_full_finetune", demo_dir),
-              "oboro_dataset_prep": lambda: dataset_prep(r)}
+              "oboro_dataset_prep": lambda: dataset_prep(r), "oboro_demo_txt2img": lambda: demo_txt2img(r),
+              "oboro_txt2img_lora": lambda: txt2img_lora(r, demo_dir)}
     for name in opts.only:
         log(f"{name}: running the template")
         path = TEMPLATES / f"{name}.jpg"

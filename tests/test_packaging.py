@@ -93,3 +93,17 @@ def test_templates_are_ui_graphs_with_thumbnails():
     for api in (REPO / "workflows_api").glob("*.api.json"):
         assert (REPO / "example_workflows" / api.name.replace(".api.json", ".json")).is_file(), api
 
+
+
+def test_templates_folder_holds_templates_thumbnails_and_their_inputs():
+    """Besides <name>.json and <name>.jpg, only a file a template loads (e.g. the mask template's example
+    mask, which its note says to copy into ComfyUI/input/), small enough to ship."""
+    folder = REPO / "example_workflows"
+    names = {p.stem for p in folder.glob("*.json")}
+    loaded = {v for wf in folder.glob("*.json") for n in json.loads(wf.read_text(encoding="utf-8"))["nodes"]
+              for v in (n.get("widgets_values") or []) if isinstance(v, str)}
+    for f in folder.iterdir():
+        if f.suffix in (".json", ".jpg") and f.stem in names:
+            assert f.stat().st_size < 100_000, f"{f.name}: keep templates and thumbnails small"
+            continue
+        assert f.name in loaded and f.stat().st_size < 20_000, f"{f.name}: neither a template, its thumbnail, nor a small file one loads"
