@@ -106,7 +106,8 @@ class OboroCacheLatents(io.ComfyNode):
                 io.String.Input("dataset_dir", tooltip="Folder of images (searched recursively): a name in ComfyUI's "
                                                        "input folder, or an absolute path inside the input, output "
                                                        "or models folders or OBORO_READ_ROOTS."),
-                io.Vae.Input("vae"),
+                io.Vae.Input("vae", tooltip="The VAE that encodes the images into latents: the FLUX VAE, or "
+                             "pixel_space for a 3-channel model such as the offline demo's."),
                 io.Clip.Input("clip", tooltip="T5 from OboroT5Loader."),
                 io.Combo.Input("policy", options=list(POLICIES), default="stage1_256",
                                tooltip="stage1_256: short side to size, random size x size crop. stage2_area: "

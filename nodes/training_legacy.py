@@ -23,7 +23,7 @@ REQUIRED_UNTIL = "resume_from"  # inputs before it were required on the old face
 
 def legacy_schema(kind: str) -> io.Schema:
     lora = kind == "lora"
-    inputs, optional = [io.Model.Input("model")], False
+    inputs, optional = [io.Model.Input("model", tooltip="The oboro model to train (from oboro Model Loader).")], False
     for name in LEGACY_ORDER:
         optional = optional or name == REQUIRED_UNTIL
         if name == "clip":

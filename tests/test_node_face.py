@@ -32,17 +32,6 @@ DOWNLOADS = {
 }
 LOADER_FOLDER = {"OboroT5Loader": "text_encoders", "VAELoader": "vae"}
 
-# Nodes in files another engineer owns (nodes/training*.py, nodes/mask_training.py, locales/):
-# known gaps, each to be removed from here once fixed there.
-ELSEWHERE = {
-    "OboroFullTrainer": "nodes/training.py says 'oboro Full Fine-tune Trainer', locales/en 'oboro Full Trainer'",
-    "OboroTrainingData": "no entry in locales/en/nodeDefs.json",
-    "OboroTrainLoRA": "nodes/training_legacy.py: input 'model' has no tooltip",
-    "OboroTrainFull": "nodes/training_legacy.py: input 'model' has no tooltip",
-    "OboroCacheLatents": "nodes/training_data.py: input 'vae' has no tooltip",
-    "OboroTrainMaskAdapter": "nodes/mask_training.py: inputs output_name, steps, batch_size, seed, schedule "
-                             "have no tooltip",
-}
 
 
 def node_classes():
@@ -63,8 +52,7 @@ def note_text(doc: dict) -> str:
 
 # ---- names, categories, tooltips -----------------------------------------------------------------
 
-@pytest.mark.parametrize("node_id", [pytest.param(n, marks=pytest.mark.xfail(reason=ELSEWHERE[n], strict=False))
-                                     if n in ELSEWHERE else n for n in NODE_IDS])
+@pytest.mark.parametrize("node_id", NODE_IDS)
 def test_node_face(node_id):
     schema = next(c for c in node_classes() if c.define_schema().node_id == node_id).define_schema()
     assert schema.display_name.startswith("oboro "), schema.display_name
