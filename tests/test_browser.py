@@ -81,14 +81,15 @@ def our_extension_name() -> str:
 
 # --- page helpers ------------------------------------------------------------------------------
 
-def open_app(browser, server, console: list):
+def open_app(browser, server, console: list, run_button: bool = True):
     page = browser.new_page(viewport={"width": 1400, "height": 900})  # a fresh context: no stored workflow
     page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
     page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
     page.goto(server.url + "/")
     page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
                            "Object.keys(LiteGraph.registered_node_types).length > 0", timeout=90_000)
-    page.get_by_role("button", name="Run", exact=True).wait_for(timeout=60_000)
+    if run_button:  # (its label is translated)
+        page.get_by_role("button", name="Run", exact=True).wait_for(timeout=60_000)
     return page
 
 
@@ -327,36 +328,31 @@ def set_setting(server, key: str, value) -> None:
         assert r.status == 200
 
 
-@pytest.mark.xfail(strict=False, reason="not yet passing: with Comfy.Locale 'ja' the UI turns Japanese and /i18n serves "
-                   "locales/ja, but LiteGraph.registered_node_types[...].title stays English even after "
-                   "Comfy.RefreshNodeDefinitions; the check should probably read the rendered title / node library")
+@pytest.mark.xfail(strict=False, reason=(
+    "frontend 1.32.9: the UI turns Japanese (core nodes, our categories), /i18n serves locales/ja, but the "
+    "pack's nodeDefs names stay English in the node search: the frontend merges custom nodes' i18n at start-up, "
+    "then lazy-loads its own ja bundle for the chosen locale, which appears to replace those merged messages"))
 def test_japanese_ui_shows_the_japanese_node_names(server, browser):
     """Switching the language to Japanese (Settings > Language, the setting Comfy.Locale = "ja"; the
-    frontend then reloads the node definitions): locales/ja/nodeDefs.json names the oboro nodes, in
-    the registered node types and on a loaded template's nodes."""
+    frontend then reloads the node definitions): locales/ja/nodeDefs.json names the oboro nodes in
+    the node search, as a user sees them."""
     want = {k: LOCALE_JA[k]["display_name"] for k in ("OboroSampler", "OboroModelLoader", "EmptyOboroLatentImage")}
-    titles_js = "ks => Object.fromEntries(ks.map(k => [k, LiteGraph.registered_node_types[k].title]))"
     console, page = [], None
     try:
-        page = open_app(browser, server, console)
-        assert page.evaluate(titles_js, list(want))["OboroSampler"] == "oboro Sampler (I-CFM ODE)"
-        page.evaluate("() => app.extensionManager.setting.set('Comfy.Locale', 'ja')")
-        # The frontend reloads the node definitions on the change, but may do so before the Japanese
-        # messages have loaded; once the UI reads Japanese, refresh them as the R key does.
+        # Settings > Language = 日本語 is stored on the server (Comfy.Locale); the page then reloads.
+        set_setting(server, "Comfy.Locale", "ja")
+        page = open_app(browser, server, console, run_button=False)
         page.wait_for_function("() => /[\u3040-\u30ff]/.test(document.body.innerText)", timeout=60_000)
+        # As after choosing the language in Settings: the frontend reloads the node definitions.
         page.evaluate("() => app.extensionManager.command.execute('Comfy.RefreshNodeDefinitions')")
-        try:
-            page.wait_for_function("w => Object.entries(w).every(([k, t]) => LiteGraph.registered_node_types[k]?.title === t)",
-                                   arg=want, timeout=60_000)
-        except Exception:
-            i18n = page.evaluate("async () => (await (await fetch('/i18n')).json()).ja?.nodeDefs?.OboroSampler")
-            raise AssertionError(f"node titles after switching to ja: {page.evaluate(titles_js, list(want))}; "
-                                 f"/i18n ja OboroSampler: {i18n}")
-        wf = json.loads((oboro_env.REPO / "example_workflows" / f"{TEMPLATE}.json").read_text())
-        page.evaluate("wf => app.loadGraphData(wf)", wf)
-        page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'OboroSampler')", timeout=30_000)
-        shown = page.evaluate("() => app.graph.nodes.find(n => n.type === 'OboroSampler').title")
-        assert shown == want["OboroSampler"], shown
+        time.sleep(3)
+        # What the user sees: the node search (double-click on the canvas) lists the Japanese names.
+        page.mouse.dblclick(250, 760)  # an empty spot of the default graph
+        search = page.locator("input[type=text]:focus, .comfy-vue-node-search-container input").first
+        search.wait_for(timeout=30_000)
+        search.type("oboro")
+        page.get_by_text(want["OboroSampler"], exact=False).first.wait_for(timeout=30_000)
+        page.keyboard.press("Escape")
     except BaseException:
         diagnose(page, server, console, "browser_japanese")
         raise
