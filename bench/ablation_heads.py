@@ -1,5 +1,5 @@
 """Ablation: MMH's progressive head schedule vs uniform heads vs the reversed schedule, on the offline
-demo's task and recipe (runner/demo.py SETUPS[16], without its extra-colour augmentation, at 1200 steps:
+demo's task and recipe (demo/offline.py SETUPS[16], without its extra-colour augmentation, at 1200 steps:
 the recipe when the recorded runs were made), over several training seeds, with paired statistics.
 
 Why: oboro's defining claim is a head count growing with depth (few wide heads early for global
@@ -63,7 +63,7 @@ def seed_list(spec: str) -> list[int]:
 def train_runs() -> None:
     import torch
     from demo_task import MMHDiT, Task, Trainer, TrainConfig, model_config
-    from oboro.runner.demo import SETUPS
+    from oboro.demo.offline import SETUPS
     torch.set_num_threads(a.threads)
     setup = SETUPS[16]
     task = Task(16)

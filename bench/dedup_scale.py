@@ -1,6 +1,6 @@
 """Near-duplicate search at studio scale: N distinct 512² JPEG images (smooth random colour fields
 with a few random shapes, so no two are alike) plus, for 5 % of them, one edit each from
-runner/near_dups.py; then what OboroDedupDataset does without a CLIP model: list, hash-embed
+demo/near_dups.py; then what OboroDedupDataset does without a CLIP model: list, hash-embed
 (decode + 32² YCbCr DCT), the partitioned DBSCAN (partitions of 2000), and whole-set DBSCAN as
 the reference. Prints seconds per phase, peak RSS, and whether the injected copies were found.
 
@@ -25,7 +25,7 @@ import oboro_env  # noqa: E402
 
 oboro_env.import_oboro()
 from oboro.oboro_model.data import dedup  # noqa: E402
-from oboro.runner.near_dups import EDITS  # noqa: E402
+from oboro.demo.near_dups import EDITS  # noqa: E402
 
 
 def rss_mib() -> float:

@@ -31,8 +31,8 @@ def start(a) -> SimpleNamespace:
     args.cpu = True
     import torch
     oboro_env.import_oboro()
-    from oboro.oboro_model import demo_data as dd
-    from oboro.runner import demo, embedded
+    from oboro.demo import data as dd
+    from oboro.demo import offline as demo, embedded
     torch.set_num_threads(a.threads)
     embedded.start(cpu=True, model_dirs={k: str(models / k) for k in ("diffusion_models", "text_encoders", "vae")})
     import nodes as comfy_nodes  # ComfyUI's

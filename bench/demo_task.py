@@ -1,6 +1,6 @@
 """The offline demo's task in process (no ComfyUI): the procedural dataset, the demo's tiny random T5,
 oboro_model.training.Trainer, samplers.sample and demo_data.score_image. A cheap, faithful proxy of
-runner/demo.py for comparing recipes (bench/demo_recipe.py) and head schedules
+demo/offline.py for comparing recipes (bench/demo_recipe.py) and head schedules
 (bench/ablation_heads.py); the demo itself always trains through the shipped workflow.
 
 Pixels: rendered at 64 px and LANCZOS-resized to `size`, in [-1, 1] (what OboroCacheLatents with the
@@ -21,9 +21,9 @@ from PIL import Image  # noqa: E402
 
 oboro = oboro_env.import_oboro()
 from oboro.oboro_model import MMHDiT, OboroConfig  # noqa: E402,F401
-from oboro.oboro_model import demo_data as dd  # noqa: E402
+from oboro.demo import data as dd  # noqa: E402
 from oboro.oboro_model.training import Trainer, TrainConfig, collate, icfm_loss  # noqa: E402,F401
-from oboro.runner.demo import CONTROL, T5_CONFIG  # noqa: E402
+from oboro.demo.offline import CONTROL, T5_CONFIG  # noqa: E402
 from oboro.samplers import prepare_noise, sample  # noqa: E402
 
 MAX_TOKENS = 64

@@ -2,7 +2,7 @@
 
 OboroTrainMaskAdapter masks: mask_dir/<image path relative to the dataset folder, suffix .png>,
 the size of its image. Mode P / L / I: pixel value = label (0 background, 1.. regions; what
-oboro_model/demo_data.py writes). RGB(A): colour i of `palette` = label i. The latent cache's
+demo/data.py writes). RGB(A): colour i of `palette` = label i. The latent cache's
 crop/resize of the image (policy, crop, seed, epoch 0) is replayed on the mask (nearest). Training
 runs on the engine (oboro_model/training: the Trainer over MaskedLatents, one bucket per step), so it has the LoRA
 nodes' spike guard, schedules, resumable states (output/oboro_training/<output_name>_mask) and

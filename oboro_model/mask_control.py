@@ -35,7 +35,7 @@ strength 0, equal up to float rounding.
 Image-stream LoRA (cfg.image_rank > 0, off by default here, 16 in OboroTrainMaskAdapter): LoRAs
 on the image tokens' qkv/out/w1/w2/w3 too (never on text tokens, so the static path is as above).
 MDiTFace fine-tunes its whole DiT with LoRA; on the demo a frozen image stream could not draw the
-mask's outline (runner/mask_eval.py, README).
+mask's outline (demo/mask_eval.py, README).
 
 `strength` s scales the attention weight every query gives mask keys (logit bias log s): 1 = as
 trained, 0 = mask off, > 1 amplifies. Condition dropout (cfg.text_dropout, cfg.mask_dropout:

@@ -78,7 +78,7 @@ def model_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def offline_demo(tmp_path_factory):
     """`make run` on a machine without model files, once per session: scripts/oboro-main lists the
-    missing files, then runs the offline demo (runner/demo.py) into <out>/demo. test_demo.py checks
+    missing files, then runs the offline demo (demo/offline.py) into <out>/demo. test_demo.py checks
     the run; test_mask_eval.py trains a mask adapter on its base instead of training another."""
     from test_main_job import MAIN, REPO, make_bare_comfy
     tmp = tmp_path_factory.mktemp("offline_demo")

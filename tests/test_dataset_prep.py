@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from oboro.oboro_model import demo_data
+from oboro.demo import data as demo_data
 from oboro.oboro_model.data import dedup
 from oboro.oboro_model.data.exclusions import read_exclusions, write_exclusions
-from oboro.runner.near_dups import EDITS, smaller
+from oboro.demo.near_dups import EDITS, smaller
 from tiny_prep import save_tiny_aesthetic, save_tiny_florence
 
 SUB = "dataprep"

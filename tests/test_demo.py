@@ -1,5 +1,5 @@
 """The offline demo end to end, as `make run` starts it on a machine without model files:
-scripts/oboro-main lists the missing files, then runs scripts/oboro-demo's logic (runner/demo.py):
+scripts/oboro-main lists the missing files, then runs scripts/oboro-demo's logic (demo/offline.py):
 procedural dataset, training workflow, txt2img on held-out prompts, report. Takes a few
 minutes; the run is conftest.py's `offline_demo` fixture, which the short mask evaluation reuses."""
 import json

@@ -1,4 +1,4 @@
-"""scripts/oboro-mask-eval (runner/mask_eval.py): end to end with tiny settings (the report's
+"""scripts/oboro-mask-eval (demo/mask_eval.py): end to end with tiny settings (the report's
 structure and files, every IoU a number in [0, 1]), the shift augmentation, a short evaluation on the
 offline demo's model that must beat what ignoring the mask scores by a clear margin (part of `make
 test`), and the full default evaluation against the issue's goal (mean IoU >= 0.85 with and without
@@ -55,8 +55,8 @@ def ignoring_the_mask_iou() -> tuple[float, float]:
     """Mean IoU of a perfect model that ignores the mask, over the evaluation's masks: with text it
     draws the prompt's shape at the prompt's position word (the demo's positions; the masks sit
     elsewhere); without text at one of the 5 positions, each equally likely."""
-    from oboro.oboro_model import demo_data as dd
-    from oboro.runner.mask_eval import case_labels, eval_cases, position_word
+    from oboro.demo import data as dd
+    from oboro.demo.mask_eval import case_labels, eval_cases, position_word
 
     def iou(a, b):
         return (a & b).sum() / max(1, (a | b).sum())
@@ -110,8 +110,8 @@ def test_shift_keeps_image_and_mask_a_true_render():
     """Rolled demo pairs equal the demo's own renders of the shape at the shifted centre."""
     import numpy as np
     import torch
-    from oboro.oboro_model import demo_data as dd
-    from oboro.runner.mask_eval import shift_pair
+    from oboro.demo import data as dd
+    from oboro.demo.mask_eval import shift_pair
     g = torch.Generator().manual_seed(0)
     for shape, pos in (("triangle", "left"), ("circle", "bottom"), ("square", "center")):
         img, mask = dd.render(shape, "red", "white", pos, 32)

@@ -313,7 +313,7 @@ def test_bad_palette_and_labels(comfy, models):
 
 def write_mask_dataset(root: Path, size=64):
     """images/<stem>.png + .txt and masks/<stem>.png (palette PNG, 0 background, 1 circle, 2 square,
-    3 triangle): oboro_model/demo_data.py's layout."""
+    3 triangle): demo/data.py's layout."""
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     shapes = [(1, (220, 40, 40)), (2, (40, 170, 60)), (3, (40, 70, 220)), (2, (235, 205, 30))]

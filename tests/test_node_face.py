@@ -107,7 +107,7 @@ def test_mask_example_fits_the_mask_template():
 
 
 def test_demo_template_is_the_demos_setup():
-    from oboro.runner import demo
+    from oboro.demo import offline as demo
     doc = load("oboro_demo_txt2img")
     values = {n["type"]: n["widgets_values"] for n in doc["nodes"]}
     assert values["OboroModelLoader"][0] == f"{demo.TRAINED}.safetensors"
@@ -140,7 +140,8 @@ def test_new_templates_equal_their_api_twins(comfy, name):
 def test_demo_template_runs_on_the_demos_model_files(comfy, one_thread):
     """As shipped (only the folder differs): the demo's architecture and file names, untrained."""
     from oboro.oboro_model import OboroConfig
-    from oboro.runner import convert, demo
+    from oboro.demo import offline as demo
+    from oboro.runner import convert
     cfg = OboroConfig(in_channels=3, text_dim=demo.T5_CONFIG["d_model"], **demo.SETUPS[16]["model"])
     root = comfy.models.parent / "demo_models"
     demo.write_models(root, cfg)

@@ -231,7 +231,10 @@ def test_training_workflow_twins(comfy, folder, name):
     api_dir = REPO / "workflows_api" if folder != LEGACY else LEGACY
     api = convert.load(api_dir / f"{name}.api.json")
     assert convert.is_ui(ui) and ui["version"] == 0.4 and not convert.is_ui(api)
-    assert convert.to_api(ui, convert.local_node_defs()) == api
+    got = convert.to_api(ui, convert.local_node_defs())
+    if folder == LEGACY:  # saved before the display names became "oboro ...": titles aside, the same prompt
+        got, api = ({k: {**v, "_meta": None} for k, v in d.items()} for d in (got, api))
+    assert got == api
     kinds = ("OboroTrainLoRA", "OboroTrainFull") if folder == LEGACY else ("OboroLoRATrainer", "OboroFullTrainer")
     assert [n["class_type"] for n in api.values()].count(kinds[0] if "lora" in name else kinds[1]) == 1
 

@@ -1,7 +1,7 @@
 """Mask-control evaluation on the offline demo (`scripts/oboro-mask-eval`): does a mask adapter make
 the tiny demo model draw its shape where a held-out mask says, with and without the text prompt?
 
-1. base: the demo's dataset and trained model (runner/demo.py's `run`, unchanged, in <out>/demo),
+1. base: the demo's dataset and trained model (demo/offline.py's `run`, unchanged, in <out>/demo),
    or an existing demo output folder (`--demo DIR`) to skip those ~2 minutes;
 2. adapter: on the training engine as OboroTrainMaskAdapter trains it (Trainer over MaskedLatents,
    outside ComfyUI): MaskControlDiT (decoupled) over the frozen demo model, text and mask dropout
@@ -44,14 +44,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..oboro_model import demo_data as dd
+from . import data as dd
 from ..oboro_model import load_checkpoint
 from ..oboro_model.data import LatentCache
 from ..oboro_model.mask_control import (DROPPED_TEXT, MaskAdapterConfig, MaskControlDiT, MaskedLatents,
                                         save_mask_adapter)
 from ..oboro_model.training import TrainConfig, Trainer
 from ..samplers.ode import prepare_noise, solve, time_grid
-from . import demo
+from . import offline as demo
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 0.85
@@ -135,7 +135,7 @@ def ensure_demo(opts, out: Path) -> tuple[Path, float]:
 
 class T5:
     def __init__(self, path: Path):
-        from . import embedded
+        from ..runner import embedded
         embedded.start(cpu=True)
         from ..nodes.text_encoder import encode_text, load_t5
         self.clip, self.encode_text = load_t5(path), encode_text

@@ -1,7 +1,7 @@
 """Template thumbnails (`scripts/oboro-thumbnails`): example_workflows/<name>.jpg, the picture
 ComfyUI's template browser shows for <name>.json (the frontend asks for `.jpg`), made from a real
 run of that very workflow: the UI file converted with the live node definitions and executed by
-ComfyUI's own executor in this process, with the offline demo's tiny models (runner/demo.py) and
+ComfyUI's own executor in this process, with the offline demo's tiny models (demo/offline.py) and
 only what makes it CPU-sized changed (model names, 32x32, steps). Nothing is drawn by hand:
 
 - txt2img: 4 captions of the demo, seed 0, one run each, tiled;
@@ -9,12 +9,12 @@ only what makes it CPU-sized changed (model names, 32x32, steps). Nothing is dra
 - txt2img_lora: two demo captions without | with the LoRA (strength 0 | 1) of a short LoRA training
   run (the lora_training thumbnail's, or one made here), at the demo's own size;
 - img2img: two demo training images, each re-prompted to another colour (input | result);
-- mask_text: two held-out masks of the mask evaluation (runner/mask_eval.py), with their captions
+- mask_text: two held-out masks of the mask evaluation (demo/mask_eval.py), with their captions
   (mask | result); the adapter comes from `--mask-adapter` or a short oboro-mask-eval run;
 - lora_training / full_finetune: a short real training run from the trained demo model; its
   preview row (3 prompts) above its loss curve, both images the node itself returned;
 - dataset_prep: its dedup half (no Florence-2 / SigLIP weights offline) on four demo images plus
-  the four near-duplicate edits of each (runner/near_dups.py): the node's contact sheet. Needs no
+  the four near-duplicate edits of each (demo/near_dups.py): the node's contact sheet. Needs no
   demo model.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..oboro_model import demo_data as dd
-from . import demo
+from . import data as dd
+from . import offline as demo
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "example_workflows"
@@ -64,7 +64,7 @@ class Runner:
     """Runs a template as the frontend would submit it, with per-node input overrides."""
 
     def __init__(self, demo_dir: Path, work: Path):
-        from . import embedded
+        from ..runner import embedded
         import folder_paths
         models = demo_dir / "models"
         # the demo's dataset and this scratch folder are read by the templates' nodes (nodes/paths.py)
@@ -87,7 +87,7 @@ class Runner:
 
     def run(self, name: str, changes: dict) -> dict:
         """changes: {class_type or node title: {input: value}}; every key must name exactly one node."""
-        from . import convert
+        from ..runner import convert
         api = convert.to_api(convert.load(TEMPLATES / f"{name}.json"), convert.local_node_defs())
         for key, inputs in changes.items():
             hits = [n for n in api.values() if key in (n["class_type"], n.get("_meta", {}).get("title"))]
@@ -210,7 +210,7 @@ def training(r: Runner, name: str, demo_dir: Path) -> Image.Image:
              "preview_prompts": "\n".join(previews), "preview_every": 20}
     options = {"batch_size": 8, "warmup": 0, "precision": "fp32", "gradient_checkpointing": False,
                "checkpoint_every": 0, "preview_steps": 20, "preview_cfg": 3.0}
-    # The demo's dataset and cache settings (runner/demo.py), cached in the scratch folder: the demo's
+    # The demo's dataset and cache settings (demo/offline.py), cached in the scratch folder: the demo's
     # own cache stays as oboro-mask-eval expects it.
     cache = {"dataset_dir": str(demo_dir / "dataset" / "images"), "policy": "fixed", "size": SIZE, "max_tokens": 64,
              "cache_name": str(r.work / "cache")}
@@ -226,7 +226,7 @@ def training(r: Runner, name: str, demo_dir: Path) -> Image.Image:
 
 
 def dataset_prep(r: Runner) -> Image.Image:
-    from . import convert
+    from ..runner import convert
     from .near_dups import EDITS
     images = Path(dd.write_dataset(r.work / "demo_data")["dataset_dir"])
     data = r.work / "dataset_prep"

@@ -2,7 +2,7 @@
 learning from a small procedural dataset on 2 CPU cores in a few minutes, through the shipped
 workflows run by oboro-run (runner/cli.py, in this process):
 
-1. data: oboro_model/demo_data.py writes 225 captioned 64x64 images with masks (3 shapes x 6 colours
+1. data: demo/data.py writes 225 captioned 64x64 images with masks (3 shapes x 6 colours
    x 3 backgrounds x 5 positions, minus 3 held-out (shape, colour) pairs), plus 135 augmentation images
    of every shape in 3 colours never prompted (orange, purple, brown);
 2. models: a from-scratch pixel-space MMH-DiT and a tiny frozen random T5 (real T5 tokenizer), in
@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..oboro_model import MMHDiT, OboroConfig, save_checkpoint
-from ..oboro_model import demo_data as dd
+from . import data as dd
 
 REPO = Path(__file__).resolve().parents[1]
 INIT, TRAINED, T5_FILE = "oboro-demo-init.safetensors", "oboro-demo", "oboro-demo-t5.safetensors"
@@ -115,8 +115,8 @@ def pick_threads(requested: int, cfg: OboroConfig, batch: int, size: int) -> tup
 
 def cache_min_size(gpu: bool) -> int:
     """The smallest `size` OboroCacheLatents accepts (ComfyUI loaded here, as oboro-run will)."""
-    from . import embedded
-    from .convert import input_specs, local_node_defs
+    from ..runner import embedded
+    from ..runner.convert import input_specs, local_node_defs
     embedded.start(cpu=not (gpu and torch.cuda.is_available()))
     info = local_node_defs(["OboroCacheLatents"]).get("OboroCacheLatents", {})
     return int(input_specs(info).get("size", ("INT", {}))[1].get("min", 0))
@@ -160,7 +160,7 @@ class LossLog(logging.Handler):
 
 
 def oboro_run(args: list[str]) -> int:
-    from . import cli
+    from ..runner import cli
     with contextlib.redirect_stdout(sys.stderr):  # oboro-run prints saved paths on stdout
         return cli.main(args)
 
