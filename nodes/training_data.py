@@ -25,7 +25,7 @@ from ..oboro_model.data.dataset import POLICIES
 from ..oboro_model.data.exclusions import read_exclusions
 from ..oboro_model.folder_lock import LOCK_NAME
 from .paths import confine, confine_read
-from .text_encoder import encode_text
+from .text_encoder import MAX_TOKENS, encode_text
 
 log = logging.getLogger("oboro")
 CACHE_ROOT = "oboro_cache"
@@ -117,7 +117,7 @@ class OboroCacheLatents(io.ComfyNode):
                              tooltip="Side for stage1_256 and width for fixed."),
                 io.Int.Input("area", default=512 * 512, min=64 * 64, max=4096 * 4096, step=64,
                              tooltip="Target pixel count of stage2_area buckets."),
-                io.Int.Input("max_tokens", default=256, min=1, max=8192,
+                io.Int.Input("max_tokens", default=256, min=1, max=MAX_TOKENS,
                              tooltip="Most T5 tokens kept per caption (end-of-sequence token included)."),
                 io.String.Input("cache_name", default="default",
                                 tooltip="Cache folder: output/oboro_cache/<name>, or an absolute path inside the output folder or "

@@ -192,3 +192,26 @@ def test_a_state_folder_held_by_another_process_is_refused_by_name(comfy, setup,
         holder.kill()
         holder.wait()
     assert os.path.isdir(state)
+
+
+def test_an_export_of_non_finite_weights_is_refused_and_writes_nothing(tmp_path):
+    """The export path's last check: NaN weights never reach a file; the error names the tensor."""
+    import torch
+    from oboro.oboro_model.training import TrainConfig, Trainer
+    from oboro.oboro_model.training.export import ExportSpec, export
+    from tiny import tiny_dit
+
+    class One(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"latent": torch.zeros(16, 4, 4), "text": torch.zeros(3, 32), "text_mask": torch.ones(3)}
+
+    net = tiny_dit()
+    tr = Trainer(net, One(), TrainConfig(steps=1, batch_size=1))
+    with torch.no_grad():
+        tr.params[0][1].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=f"{tr.params[0][0]} holds NaN"):
+        export(tr, ExportSpec(str(tmp_path), "bad", "full"), {}, 1)
+    assert list(tmp_path.iterdir()) == []
