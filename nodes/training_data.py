@@ -24,6 +24,7 @@ from ..oboro_model.data.cache import MANIFEST
 from ..oboro_model.data.dataset import POLICIES
 from ..oboro_model.data.exclusions import read_exclusions
 from ..oboro_model.folder_lock import LOCK_NAME
+from ..oboro_model.training.identity import tensor_digest as fingerprint_tensor  # one tensor digest
 from .paths import confine, confine_read
 from .text_encoder import MAX_TOKENS, encode_text
 
@@ -40,12 +41,6 @@ def fingerprint(module: torch.nn.Module, extra=()) -> str:
     for item in extra:
         h.update(repr(item).encode())
     return h.hexdigest()
-
-
-def fingerprint_tensor(t: torch.Tensor) -> str:
-    flat = t.detach().reshape(-1)
-    sample = flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes()
-    return f"{tuple(t.shape)}{t.dtype}" + hashlib.sha256(sample).hexdigest()[:32]
 
 
 def lora_patches(clip) -> list:

@@ -23,6 +23,7 @@ from ..oboro_model.data import ScaleShift
 from ..oboro_model.training import TrainConfig
 from ..oboro_model.training.datasets import DataSource, parse_source_lines
 from ..oboro_model.training.export import ExportSpec
+from ..oboro_model.training.loss import PRECISIONS
 from ..oboro_model.training.frozen_base import frozen_base_model, linear_dtype
 from ..oboro_model.training.memory import log_plan
 from ..oboro_model.training.report import loss_curve
@@ -213,7 +214,7 @@ def run_node(kind: str, node: str, model, inputs: dict):
     config, fmt = dm.config, model.model.latent_format
     first = open_node_cache(spec.sources[0].path, fmt, node)
     device = mm.get_torch_device()
-    amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.config.precision]
+    amp = PRECISIONS[spec.config.precision]
     pv, render = preview_setup(v, clip, vae, fmt, {**first[0], "max_tokens": first.settings.get("max_tokens", 256)},
                                node, device, amp)
     empty = None

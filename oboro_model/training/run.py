@@ -8,6 +8,7 @@ states (report.py). So the same cache and settings give the same files whichever
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -236,7 +237,7 @@ def run(spec: RunSpec, net: torch.nn.Module, hooks: Optional[RunHooks] = None) -
     folder, resume_file, note = pick_folder(spec, identity)
     if note:
         hooks.say(note)
-    lock = folder_lock(folder, spec.what) if dist.is_main else _nothing()
+    lock = folder_lock(folder, spec.what) if dist.is_main else contextlib.nullcontext()
     with lock:
         recorded = ident.read_run(folder)
         done = (recorded or {}).get("finished")
@@ -304,10 +305,3 @@ def _loop(trainer: Trainer, job: Job, hooks: RunHooks) -> None:
         job.close()
         raise RunInterrupted(trainer.step, steps, job.state_dir)
 
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
