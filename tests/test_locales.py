@@ -115,3 +115,18 @@ def test_help_pages_exist(node_id):
         text = page.read_text(encoding="utf-8")
         assert text.startswith("# ") and len(text.splitlines()) > 3, f"{page.relative_to(REPO)}: no title or no text"
         assert "Being built" not in text and "開発中" not in text, f"{page.relative_to(REPO)} still says it is being built"
+
+
+def test_every_template_has_a_title_and_description():
+    """The template browser's cards show locales/<lang>/main.json "oboroTemplates" (web/js/oboro_locale.js):
+    one entry per example_workflows/*.json in each language, each a title and a one-line description,
+    free of vue-i18n's message syntax (braces, @, |) that would garble them."""
+    templates = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+    for lang in LANGS:
+        table = json.loads((REPO / "locales" / lang / "main.json").read_text(encoding="utf-8"))["oboroTemplates"]
+        assert sorted(table) == templates, f"locales/{lang}/main.json oboroTemplates: {sorted(table)} != {templates}"
+        for name, entry in table.items():
+            assert set(entry) == {"title", "description"}, f"locales/{lang} oboroTemplates.{name}: {sorted(entry)}"
+            for key, text in entry.items():
+                assert text.strip() and "\n" not in text, f"locales/{lang} oboroTemplates.{name}.{key}: {text!r}"
+                assert not set(text) & set("{}@|"), f"locales/{lang} oboroTemplates.{name}.{key}: {text!r}"
