@@ -341,6 +341,86 @@ def test_missing_models_dialog_lists_the_templates_model_files(server, browser):
             page.close()
 
 
+def set_widgets(page, values: dict) -> None:
+    """{(node type, widget name): value}, set on the canvas's widgets as a user's edits are."""
+    page.evaluate("""vals => { for (const [type, name, v] of vals) {
+        const node = app.graph.nodes.find(n => n.type === type);
+        const w = node.widgets.find(w => w.name === name);
+        w.value = v; w.callback?.(v);
+    } app.graph.setDirtyCanvas(true, true); }""", [[t, n, v] for (t, n), v in values.items()])
+
+
+def run_in_browser(page, server, timeout_s: float = IMAGE_TIMEOUT_S) -> dict:
+    """Press Run; -> the history entry of the prompt it queued, once completed (a failure fails)."""
+    before = set(http_json(server.url + "/history"))
+    page.get_by_role("button", name="Run", exact=True).click()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for pid, entry in http_json(server.url + "/history").items():
+            if pid in before:
+                continue
+            status = entry.get("status", {})
+            assert status.get("status_str") != "error", f"the run failed: {json.dumps(status)[:4000]}"
+            if status.get("completed"):
+                return entry
+        assert time.monotonic() < deadline, f"the run did not finish in {timeout_s}s"
+        page.wait_for_timeout(500)
+
+
+def test_lora_trained_by_the_template_applies_in_the_lora_template(server, browser, model_root):
+    """The artist's LoRA path in the browser: captioned images in input/oboro_dataset, the LoRA
+    training template run with only widget edits (CPU-sized: 64 px, 4 steps), then the txt2img +
+    LoRA template (a reloaded page, as after training) picks the new oboro_lora.safetensors and every
+    one of its keys is loaded by core LoraLoaderModelOnly."""
+    from safetensors import safe_open
+    import numpy as np
+    ext, lora = our_extension_name(), model_root / "loras" / "oboro_lora.safetensors"
+    assert not lora.exists(), f"{lora} exists before the test"
+    data = server.root / "input" / "oboro_dataset"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"p{i}.png")
+        (data / f"p{i}.txt").write_text(f"a picture number {i}")
+    console, page = [], None
+    try:
+        page = open_app(browser, server, console)
+        open_template(page, ext, "oboro_lora_training")
+        page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'OboroLoRATrainer')", timeout=30_000)
+        set_widgets(page, {("OboroCacheLatents", "policy"): "fixed", ("OboroCacheLatents", "size"): 64,
+                           ("OboroCacheLatents", "area"): 64 * 64, ("OboroCacheLatents", "max_tokens"): 8,
+                           ("OboroLoRATrainer", "steps"): 4, ("OboroLoRATrainer", "preview_every"): 0,
+                           ("OboroTrainingOptions", "batch_size"): 2, ("OboroTrainingOptions", "warmup"): 0,
+                           ("OboroTrainingOptions", "precision"): "fp32"})
+        run_in_browser(page, server)
+        assert lora.is_file(), f"the training template wrote no {lora}"
+        with safe_open(str(lora), "pt") as f:
+            trained_keys = len(list(f.keys()))
+        page.close()
+
+        page = open_app(browser, server, console)  # the new file is listed after a reload
+        open_template(page, ext, "oboro_txt2img_lora")
+        page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'LoraLoaderModelOnly')", timeout=30_000)
+        page.wait_for_timeout(1000)
+        assert not missing_models_dialogs(page) or "oboro_lora" not in "".join(missing_models_dialogs(page))
+        set_widgets(page, {("EmptyOboroLatentImage", "width"): 64, ("EmptyOboroLatentImage", "height"): 64,
+                           ("OboroSampler", "steps"): 2})
+        log_before = len(server.log_path.read_text(errors="replace"))
+        entry = run_in_browser(page, server)
+        images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+        assert images, f"no image: {entry['outputs']}"
+        log = server.log_path.read_text(errors="replace")[log_before:]
+        assert "lora key not loaded" not in log, log[-3000:]
+        assert trained_keys > 0
+    except BaseException:
+        diagnose(page, server, console, "browser_lora_path")
+        raise
+    finally:
+        lora.unlink(missing_ok=True)  # the model root is shared with the module's other tests
+        if page is not None:
+            page.close()
+
+
 def set_setting(server, key: str, value) -> None:
     req = urllib.request.Request(f"{server.url}/settings/{key}", data=json.dumps(value).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
