@@ -28,8 +28,10 @@ def http_json(url: str, timeout: float = 10):
 
 
 class Server:
-    def __init__(self, root: Path, models: Path):
+    def __init__(self, root: Path, models: Path, extra_paths: str | None = None):
+        """extra_paths: the extra_model_paths.yaml text to use instead of one rooted at `models`."""
         self.root, self.models, self.port = root, models, free_port()
+        self.extra_paths = extra_paths
         self.url = f"http://127.0.0.1:{self.port}"
         self.output = root / "output"
         self.log_path = root / "server.log"
@@ -39,9 +41,10 @@ class Server:
         for d in ("output", "input", "temp", "user/default"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         paths = self.root / "extra_model_paths.yaml"
-        paths.write_text(f"oboro_browser_test:\n  base_path: {self.models}\n  is_default: true\n"
-                         "  diffusion_models: diffusion_models\n  text_encoders: text_encoders\n  vae: vae\n"
-                         "  loras: loras\n  aesthetic: aesthetic\n  florence2: florence2\n")
+        paths.write_text(self.extra_paths or (
+            f"oboro_browser_test:\n  base_path: {self.models}\n  is_default: true\n"
+            "  diffusion_models: diffusion_models\n  text_encoders: text_encoders\n  vae: vae\n"
+            "  loras: loras\n  aesthetic: aesthetic\n  florence2: florence2\n"))
         # A fresh user: skip the first-run template pop-up (the test opens the browser itself) and
         # keep the missing-node/model warnings on whatever the defaults become.
         (self.root / "user/default/comfy.settings.json").write_text(json.dumps({
