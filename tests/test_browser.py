@@ -13,6 +13,7 @@ The screenshot is kept as a test artifact: test-artifacts/browser_txt2img.png un
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -162,6 +163,22 @@ def graph_nodes(page) -> list[dict]:
                                registered: n.type in LiteGraph.registered_node_types}))""")
 
 
+@contextlib.contextmanager
+def app_page(browser, server, name: str, run_button: bool = True):
+    """(page, console) of a fresh page on the app; on failure a screenshot, the console and the
+    server log (diagnose); the page is closed either way."""
+    console, page = [], None
+    try:
+        page = open_app(browser, server, console, run_button)
+        yield page, console
+    except BaseException:
+        diagnose(page, server, console, name)
+        raise
+    finally:
+        if page is not None:
+            page.close()
+
+
 def diagnose(page, server, console, name):
     """On failure: keep a screenshot, print the browser console and the server log."""
     if page is not None:
@@ -182,11 +199,8 @@ def test_txt2img_template_runs_in_browser(server, browser):
     assert TEMPLATE in listed.get(ext, []), f"{TEMPLATE} not among {ext}'s templates: {listed}"
     object_info = http_json(server.url + "/object_info", timeout=60)
 
-    console, page = [], None
     t0 = time.monotonic()
-    try:
-        page = open_app(browser, server, console)
-
+    with app_page(browser, server, "browser_txt2img") as (page, console):
         open_template(page, ext, TEMPLATE)
         page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'OboroSampler')", timeout=30_000)
         page.wait_for_timeout(1000)  # a missing-nodes dialog would open right after the graph loads
@@ -248,30 +262,16 @@ def test_txt2img_template_runs_in_browser(server, browser):
         assert len(data) > len(PNG_MAGIC) and data.startswith(PNG_MAGIC)
         (ARTIFACTS / "browser_txt2img_failure.png").unlink(missing_ok=True)  # stale, from an earlier run
         print(f"\nbrowser txt2img: {time.monotonic() - t0:.1f}s from page load to image; screenshot {SCREENSHOT}")
-    except BaseException:
-        diagnose(page, server, console, "browser_txt2img")
-        raise
-    finally:
-        if page is not None:
-            page.close()
 
 
 def test_missing_node_warning_is_detected(server, browser):
     """The check used below is not vacuous: an unknown node type raises the frontend's dialog."""
-    console, page = [], None
-    try:
-        page = open_app(browser, server, console)
+    with app_page(browser, server, "browser_missing_nodes") as (page, console):
         wf = json.loads((oboro_env.REPO / "example_workflows" / f"{TEMPLATE}.json").read_text())
         wf["nodes"][0]["type"] = "OboroNoSuchNodeForTheTest"
         page.evaluate("wf => app.loadGraphData(wf)", wf)
         page.get_by_role("dialog").filter(has_text=MISSING_NODES_TEXT).first.wait_for(timeout=30_000)
         assert any("OboroNoSuchNodeForTheTest" in t for t in missing_nodes_dialogs(page))
-    except BaseException:
-        diagnose(page, server, console, "browser_missing_nodes")
-        raise
-    finally:
-        if page is not None:
-            page.close()
 
 
 def test_templates_menu_lists_exactly_the_ui_workflows(server):
@@ -286,9 +286,7 @@ def test_template_loads_from_the_menu(server, browser, name):
     doc = json.loads((oboro_env.REPO / "example_workflows" / f"{name}.json").read_text())
     nodes = doc["nodes"]
     want = sorted(n["type"] for n in nodes)
-    console, page = [], None
-    try:
-        page = open_app(browser, server, console)
+    with app_page(browser, server, f"browser_template_{name}") as (page, console):
         open_template(page, ext, name)
         page.wait_for_function("n => app.graph.nodes.length === n", arg=len(want), timeout=30_000)
         page.wait_for_timeout(1000)  # a missing-nodes or error dialog would open right after the graph loads
@@ -304,12 +302,6 @@ def test_template_loads_from_the_menu(server, browser, name):
         assert all(n["registered"] for n in graph), f"{name}: unregistered node types: {graph}"
         unknown = [n for n in graph if not n["virtual"] and n["type"] not in object_info]
         assert not unknown, f"{name}: node types unknown to the server: {unknown}"
-    except BaseException:
-        diagnose(page, server, console, f"browser_template_{name}")
-        raise
-    finally:
-        if page is not None:
-            page.close()
 
 
 def test_missing_models_dialog_lists_the_templates_model_files(server, browser):
@@ -325,20 +317,12 @@ def test_missing_models_dialog_lists_the_templates_model_files(server, browser):
             node["widgets_values"][node["widgets_values"].index(m["name"])] = new
             renamed[f"{m['directory']} / {new}"], m["name"] = node["type"], new
     assert set(renamed.values()) == {"OboroT5Loader", "VAELoader"}, renamed
-    console, page = [], None
-    try:
-        page = open_app(browser, server, console)
+    with app_page(browser, server, "browser_missing_models") as (page, console):
         page.evaluate("wf => app.loadGraphData(wf)", wf)
         page.get_by_role("dialog").filter(has_text=MISSING_MODELS_TEXT).first.wait_for(timeout=30_000)
         text = "\n".join(missing_models_dialogs(page))
         assert set(re.findall(r"[\w.-]+ / [\w.-]+\.\w+", text)) == set(renamed), text
         assert "Invalid directory" not in text and "not allowed" not in text, text
-    except BaseException:
-        diagnose(page, server, console, "browser_missing_models")
-        raise
-    finally:
-        if page is not None:
-            page.close()
 
 
 def set_widgets(page, values: dict) -> None:
@@ -382,43 +366,35 @@ def test_lora_trained_by_the_template_applies_in_the_lora_template(server, brows
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"p{i}.png")
         (data / f"p{i}.txt").write_text(f"a picture number {i}")
-    console, page = [], None
     try:
-        page = open_app(browser, server, console)
-        open_template(page, ext, "oboro_lora_training")
-        page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'OboroLoRATrainer')", timeout=30_000)
-        set_widgets(page, {("OboroCacheLatents", "policy"): "fixed", ("OboroCacheLatents", "size"): 64,
-                           ("OboroCacheLatents", "area"): 64 * 64, ("OboroCacheLatents", "max_tokens"): 8,
-                           ("OboroLoRATrainer", "steps"): 4, ("OboroLoRATrainer", "preview_every"): 0,
-                           ("OboroTrainingOptions", "batch_size"): 2, ("OboroTrainingOptions", "warmup"): 0,
-                           ("OboroTrainingOptions", "precision"): "fp32"})
-        run_in_browser(page, server)
-        assert lora.is_file(), f"the training template wrote no {lora}"
-        with safe_open(str(lora), "pt") as f:
-            trained_keys = len(list(f.keys()))
-        page.close()
-
-        page = open_app(browser, server, console)  # the new file is listed after a reload
-        open_template(page, ext, "oboro_txt2img_lora")
-        page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'LoraLoaderModelOnly')", timeout=30_000)
-        page.wait_for_timeout(1000)
-        assert not missing_models_dialogs(page) or "oboro_lora" not in "".join(missing_models_dialogs(page))
-        set_widgets(page, {("EmptyOboroLatentImage", "width"): 64, ("EmptyOboroLatentImage", "height"): 64,
-                           ("OboroSampler", "steps"): 2})
-        log_before = len(server.log_path.read_text(errors="replace"))
-        entry = run_in_browser(page, server)
-        images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
-        assert images, f"no image: {entry['outputs']}"
-        log = server.log_path.read_text(errors="replace")[log_before:]
-        assert "lora key not loaded" not in log, log[-3000:]
-        assert trained_keys > 0
-    except BaseException:
-        diagnose(page, server, console, "browser_lora_path")
-        raise
+        with app_page(browser, server, "browser_lora_training") as (page, _):
+            open_template(page, ext, "oboro_lora_training")
+            page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'OboroLoRATrainer')", timeout=30_000)
+            set_widgets(page, {("OboroCacheLatents", "policy"): "fixed", ("OboroCacheLatents", "size"): 64,
+                               ("OboroCacheLatents", "area"): 64 * 64, ("OboroCacheLatents", "max_tokens"): 8,
+                               ("OboroLoRATrainer", "steps"): 4, ("OboroLoRATrainer", "preview_every"): 0,
+                               ("OboroTrainingOptions", "batch_size"): 2, ("OboroTrainingOptions", "warmup"): 0,
+                               ("OboroTrainingOptions", "precision"): "fp32"})
+            run_in_browser(page, server)
+            assert lora.is_file(), f"the training template wrote no {lora}"
+            with safe_open(str(lora), "pt") as f:
+                trained_keys = len(list(f.keys()))
+        with app_page(browser, server, "browser_lora_txt2img") as (page, _):  # reloaded: the new file is listed
+            open_template(page, ext, "oboro_txt2img_lora")
+            page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'LoraLoaderModelOnly')", timeout=30_000)
+            page.wait_for_timeout(1000)
+            assert not missing_models_dialogs(page) or "oboro_lora" not in "".join(missing_models_dialogs(page))
+            set_widgets(page, {("EmptyOboroLatentImage", "width"): 64, ("EmptyOboroLatentImage", "height"): 64,
+                               ("OboroSampler", "steps"): 2})
+            log_before = len(server.log_path.read_text(errors="replace"))
+            entry = run_in_browser(page, server)
+            images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+            assert images, f"no image: {entry['outputs']}"
+            log = server.log_path.read_text(errors="replace")[log_before:]
+            assert "lora key not loaded" not in log, log[-3000:]
+            assert trained_keys > 0
     finally:
         lora.unlink(missing_ok=True)  # the model root is shared with the module's other tests
-        if page is not None:
-            page.close()
 
 
 def set_setting(server, key: str, value) -> None:
@@ -434,36 +410,30 @@ def test_japanese_ui_shows_the_japanese_node_names(server, browser):
     the templates, as a user sees them. (Frontend 1.32 alone drops every pack's Japanese text when it
     loads its own Japanese bundle; web/js/oboro_locale.js merges ours back.)"""
     want = {k: LOCALE_JA[k]["display_name"] for k in ("OboroSampler", "OboroModelLoader", "EmptyOboroLatentImage")}
-    console, page = [], None
+    # Settings > Language = 日本語 is stored on the server (Comfy.Locale); the page then reloads.
+    set_setting(server, "Comfy.Locale", "ja")
     try:
-        # Settings > Language = 日本語 is stored on the server (Comfy.Locale); the page then reloads.
-        set_setting(server, "Comfy.Locale", "ja")
-        page = open_app(browser, server, console, run_button=False)
-        page.wait_for_function("() => /[\u3040-\u30ff]/.test(document.body.innerText)", timeout=60_000)
-        # What the user sees: the node search (double-click on the canvas) lists the Japanese names;
-        # searched again until the node definitions have been reloaded in Japanese.
-        deadline = time.monotonic() + 60
-        while True:
-            page.mouse.dblclick(250, 760)  # an empty spot of the default graph
-            search = page.locator("input[type=text]:focus, .comfy-vue-node-search-container input").first
-            search.wait_for(timeout=30_000)
-            search.type("oboro")
-            try:
-                page.get_by_text(want["OboroSampler"], exact=False).first.wait_for(timeout=3_000)
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "the node search kept the English names for 60 s"
-                page.keyboard.press("Escape")
-        for name in want.values():
-            page.get_by_text(name, exact=False).first.wait_for(timeout=30_000)
-        page.keyboard.press("Escape")
-        page.wait_for_timeout(500)
-        dialog, card = template_card(page, our_extension_name(), TEMPLATE)
-        wait_for_card_text(page, card, "ja", TEMPLATE)
-    except BaseException:
-        diagnose(page, server, console, "browser_japanese")
-        raise
+        with app_page(browser, server, "browser_japanese", run_button=False) as (page, _):
+            page.wait_for_function("() => /[\u3040-\u30ff]/.test(document.body.innerText)", timeout=60_000)
+            # What the user sees: the node search (double-click on the canvas) lists the Japanese names;
+            # searched again until the node definitions have been reloaded in Japanese.
+            deadline = time.monotonic() + 60
+            while True:
+                page.mouse.dblclick(250, 760)  # an empty spot of the default graph
+                search = page.locator("input[type=text]:focus, .comfy-vue-node-search-container input").first
+                search.wait_for(timeout=30_000)
+                search.type("oboro")
+                try:
+                    page.get_by_text(want["OboroSampler"], exact=False).first.wait_for(timeout=3_000)
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline, "the node search kept the English names for 60 s"
+                    page.keyboard.press("Escape")
+            for name in want.values():
+                page.get_by_text(name, exact=False).first.wait_for(timeout=30_000)
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(500)
+            dialog, card = template_card(page, our_extension_name(), TEMPLATE)
+            wait_for_card_text(page, card, "ja", TEMPLATE)
     finally:
         set_setting(server, "Comfy.Locale", "en")  # the server is shared by the module's other tests
-        if page is not None:
-            page.close()

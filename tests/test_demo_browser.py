@@ -12,7 +12,7 @@ from PIL import Image
 
 import oboro_env
 from comfy_server import Server
-from test_browser import CHROMIUM, browser, open_app, open_template, our_extension_name, run_in_browser  # noqa: F401
+from test_browser import CHROMIUM, app_page, browser, open_template, our_extension_name, run_in_browser  # noqa: F401
 
 pytestmark = [pytest.mark.xdist_group("offline_demo"),
               pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason=f"{CHROMIUM} missing")]
@@ -43,25 +43,16 @@ def demo_server(offline_demo, tmp_path_factory):
 
 def test_demo_template_generates_in_the_browser_from_readme_setup(demo_server, browser):  # noqa: F811
     from oboro.demo.data import score_image
-    console, page = [], None
-    try:
-        page = open_app(browser, demo_server, console)
+    with app_page(browser, demo_server, "browser_demo") as (page, _):
         open_template(page, our_extension_name(), TEMPLATE)
         page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'OboroSampler')", timeout=30_000)
         entry = run_in_browser(page, demo_server)
-        images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
-        assert len(images) == 4, entry["outputs"]
-        scores = []
-        for image in images:
-            with Image.open(demo_server.output / image["subfolder"] / image["filename"]) as im:
-                assert im.size == (16, 16), im.size
-                scores.append(score_image(im, "circle", "red", "white", "center"))
-        right = sum(s["colour_ok"] and s["shape_ok"] and s["position_ok"] for s in scores)
-        assert right >= 2, f"{right} of 4 images show a red circle in the centre: {scores}"
-    except BaseException:
-        from test_browser import diagnose
-        diagnose(page, demo_server, console, "browser_demo")
-        raise
-    finally:
-        if page is not None:
-            page.close()
+    images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    assert len(images) == 4, entry["outputs"]
+    scores = []
+    for image in images:
+        with Image.open(demo_server.output / image["subfolder"] / image["filename"]) as im:
+            assert im.size == (16, 16), im.size
+            scores.append(score_image(im, "circle", "red", "white", "center"))
+    right = sum(s["colour_ok"] and s["shape_ok"] and s["position_ok"] for s in scores)
+    assert right >= 2, f"{right} of 4 images show a red circle in the centre: {scores}"
