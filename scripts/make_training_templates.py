@@ -46,6 +46,19 @@ def ui_node(defs, node_type, nid, pos, size, values: dict, links_in: dict, title
     return node
 
 
+def keep_current(doc: dict, current_path: Path, rebuilt: tuple) -> None:
+    """The nodes this script does not rebuild (loaders, cache, save nodes, note) keep what the
+    current file has: widget values added since the legacy copy (e.g. the cache's require_licence),
+    model metadata (properties.models, read by the frontend's missing-models dialog), notes' text."""
+    if not current_path.exists():
+        return
+    current = {(n["id"], n["type"]): n for n in json.loads(current_path.read_text())["nodes"]}
+    for n in doc["nodes"]:
+        cur = current.get((n["id"], n["type"]))
+        if cur is not None and n["type"] not in rebuilt:
+            n["widgets_values"], n["properties"] = cur["widgets_values"], cur.get("properties", {})
+
+
 def convert_template(name: str, kind: str, defs) -> None:
     path = REPO / "tests" / "fixtures" / "legacy_workflows" / f"{name}.json"
     doc = json.loads(path.read_text())
@@ -87,8 +100,9 @@ def convert_template(name: str, kind: str, defs) -> None:
                 "It continues only the same run (same images, model and settings); with anything changed it "
                 "starts fresh beside the old run and says so. Cancel keeps the work: queue again to resume. "
                 "More settings: the **oboro Training Options** node (and **oboro Training Data**).")
+    keep_current(doc, REPO / "example_workflows" / f"{name}.json", (trainer, "OboroTrainingOptions"))
     (REPO / "example_workflows" / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (REPO / "workflows_api" / f"{name}.api.json").write_text(json.dumps(convert.to_api(doc, defs), indent=1) + "\n")
+    (REPO / "workflows" / "api" / f"{name}.api.json").write_text(json.dumps(convert.to_api(doc, defs), indent=1) + "\n")
 
 
 if __name__ == "__main__":

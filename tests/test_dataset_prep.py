@@ -220,7 +220,7 @@ def test_dataset_prep_template_twin_and_run(comfy, prep_models, tiny_t5, demo, t
     from oboro.runner import convert
     repo = Path(__file__).resolve().parents[1]
     ui = convert.load(repo / "example_workflows" / "oboro_dataset_prep.json")
-    api = convert.load(repo / "workflows_api" / "oboro_dataset_prep.api.json")
+    api = convert.load(repo / "workflows" / "api" / "oboro_dataset_prep.api.json")
     assert convert.is_ui(ui) and not convert.is_ui(api)
     assert convert.to_api(ui, convert.local_node_defs()) == api
     data = tmp_path / "studio"

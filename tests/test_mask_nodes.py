@@ -404,7 +404,7 @@ def test_mask_label_alignment_replays_the_cache_crop(tmp_path):
 def test_workflow_ui_equals_api_twin(comfy):
     from oboro.runner import convert
     ui = convert.load(REPO / "example_workflows" / "oboro_mask_text.json")
-    api = convert.load(REPO / "workflows_api" / "oboro_mask_text.api.json")
+    api = convert.load(REPO / "workflows" / "api" / "oboro_mask_text.api.json")
     assert convert.is_ui(ui) and ui["version"] == 0.4 and not convert.is_ui(api)
     assert convert.to_api(ui, convert.local_node_defs()) == api
     kinds = sorted(n["class_type"] for n in api.values())

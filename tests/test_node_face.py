@@ -134,7 +134,7 @@ def test_lora_template_puts_the_training_templates_lora_between_loader_and_sampl
 def test_new_templates_equal_their_api_twins(comfy, name):
     from oboro.runner import convert
     ui = convert.load(TEMPLATES / f"{name}.json")
-    assert convert.to_api(ui, convert.local_node_defs()) == convert.load(REPO / "workflows_api" / f"{name}.api.json")
+    assert convert.to_api(ui, convert.local_node_defs()) == convert.load(REPO / "workflows" / "api" / f"{name}.api.json")
 
 
 def test_demo_template_runs_on_the_demos_model_files(comfy, one_thread):
@@ -191,7 +191,7 @@ def queue(server, graph) -> tuple[int, dict]:
                          "VAELoader": "ae.safetensors", "OboroMaskAdapterLoader": "oboro_mask_adapter.safetensors"}),
 ])
 def test_every_missing_model_file_is_named_on_the_first_queue(bare_server, name, files):
-    graph = json.loads((REPO / "workflows_api" / f"{name}.api.json").read_text())
+    graph = json.loads((REPO / "workflows" / "api" / f"{name}.api.json").read_text())
     status, body = queue(bare_server, graph)
     assert status == 400, body
     errors = body["node_errors"]

@@ -90,7 +90,7 @@ def test_templates_are_ui_graphs_with_thumbnails():
     for folder in SCANNED:
         for f in (REPO / folder).glob("*.json"):
             assert not f.name.endswith(".api.json"), f"{f}: the template scanner would list an API-format file"
-    for api in (REPO / "workflows_api").glob("*.api.json"):
+    for api in (REPO / "workflows" / "api").glob("*.api.json"):
         assert (REPO / "example_workflows" / api.name.replace(".api.json", ".json")).is_file(), api
 
 

@@ -22,7 +22,7 @@ FAST_I2I = FAST + ["--set", "ImageScale.width=64", "--set", "ImageScale.height=4
 
 
 def workflow(name, api=False):
-    return REPO / "workflows_api" / f"{name}.api.json" if api else REPO / "example_workflows" / f"{name}.json"
+    return REPO / "workflows" / "api" / f"{name}.api.json" if api else REPO / "example_workflows" / f"{name}.json"
 
 
 @pytest.fixture(scope="session")

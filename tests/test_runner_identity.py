@@ -24,7 +24,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "scripts" / "oboro-run"
 UI = REPO / "example_workflows" / "oboro_txt2img.json"
-API = REPO / "workflows_api" / "oboro_txt2img.api.json"
+API = REPO / "workflows" / "api" / "oboro_txt2img.api.json"
 CPU = [] if os.environ.get("OBORO_TEST_GPU") == "1" else ["--cpu"]
 FAST = ["--set", "OboroSampler.steps=1", "--set", "EmptyOboroLatentImage.width=32",
         "--set", "EmptyOboroLatentImage.height=32"]

@@ -228,7 +228,7 @@ TEMPLATES = [(REPO / "example_workflows", "oboro_lora_training"), (REPO / "examp
 def test_training_workflow_twins(comfy, folder, name):
     from oboro.runner import convert
     ui = convert.load(folder / f"{name}.json")
-    api_dir = REPO / "workflows_api" if folder != LEGACY else LEGACY
+    api_dir = REPO / "workflows" / "api" if folder != LEGACY else LEGACY
     api = convert.load(api_dir / f"{name}.api.json")
     assert convert.is_ui(ui) and ui["version"] == 0.4 and not convert.is_ui(api)
     got = convert.to_api(ui, convert.local_node_defs())
