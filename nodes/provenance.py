@@ -125,18 +125,21 @@ class OboroNearCopyCheck(io.ComfyNode):
             display_name="oboro Near-Copy Check",
             category="oboro/image",
             description="For each image, the nearest training images of a dataset folder by the dedup embedding "
-                        "(built-in perceptual hash, or CLIP vision when connected), with cosine distances; images "
-                        "at or below the threshold are flagged. Only reads. The contact sheet shows each image "
-                        "with its closest training images.",
+                        "(built-in perceptual hash, or CLIP vision when connected), with cosine distances. An image "
+                        "is flagged when it is much closer to a training image than that image's own nearest "
+                        "neighbour in the dataset is (or within a fixed threshold, when one is set). Only reads. "
+                        "The contact sheet shows each image with its closest training images.",
             inputs=[
                 io.Image.Input("images", tooltip="Generated images to check."),
                 io.String.Input("dataset_dir", tooltip="The training image folder (read recursively): a name in "
                                                        "ComfyUI's input folder, or an absolute path inside the input, "
                                                        "output or models folders or OBORO_READ_ROOTS."),
                 io.Float.Input("threshold", default=0.0, min=0.0, max=2.0, step=0.001,
-                               tooltip=f"Cosine distance at or below which an image is a near copy. 0: automatic "
-                                       f"({near_copies.NEAR_COPY_HASH} for the hash embedding, "
-                                       f"{near_copies.NEAR_COPY_CLIP} with CLIP vision)."),
+                               tooltip=f"Cosine distance at or below which an image is a near copy. 0: automatic, "
+                                       f"relative to the dataset: within {near_copies.NEAR_COPY_RATIO} x the "
+                                       f"training image's distance to its nearest other training image, always "
+                                       f"within {near_copies.NEAR_COPY_HASH} ({near_copies.NEAR_COPY_CLIP} with CLIP "
+                                       f"vision), never beyond {near_copies.NEAR_COPY_CAP}."),
                 io.Int.Input("top_k", default=near_copies.TOP_K, min=1, max=16,
                              tooltip="Nearest training images listed per image."),
                 io.ClipVision.Input("clip_vision", optional=True,
@@ -163,7 +166,7 @@ class OboroNearCopyCheck(io.ComfyNode):
                                    stop=mm.throw_exception_if_processing_interrupted)
         sheet = near_copies.contact_sheet(root, pils, report)
         text = json.dumps(report, indent=1, ensure_ascii=False)
-        log.info("OboroNearCopyCheck: %d of %d images within %g of a training image in %s", report["flagged"],
-                 len(pils), report["threshold"], root)
+        log.info("OboroNearCopyCheck: %d of %d images flagged as near copies of a training image in %s (%s)",
+                 report["flagged"], len(pils), root, near_copies.describe_rule(report["rule"]))
         return io.NodeOutput(text, torch.from_numpy(np.asarray(sheet, np.float32) / 255.0)[None], report["flagged"],
                              ui={"text": (text,)})

@@ -103,10 +103,14 @@ def check_near(path, folder, sheet, threshold, say) -> bool:
     img = Image.open(path).convert("RGB")
     report = near_copies.check(folder, [img], threshold=threshold)
     row = report["images"][0]
-    say(f"--near-copies {folder}: {'NEAR COPY' if row['near_copy'] else 'no near copy'} (hash embedding, "
-        f"threshold {report['threshold']}, {report['training_images']} training images)")
-    for n in row["nearest"]:
-        say(f"      {n['distance']:.4f}  {n['file']}")
+    verdict = f"NEAR COPY of {row['file']} ({row['rule']} rule)" if row["near_copy"] else "no near copy"
+    say(f"--near-copies {folder}: {verdict} (hash embedding, {near_copies.describe_rule(report['rule'])}; "
+        f"{report['training_images']} training images)")
+    say("      distance  its NN  ratio  limit   training image (NN: its distance to its nearest other one)")
+    for n in row["nearest"]:  # train_nn and ratio are None when the dataset holds one image
+        nn, ratio = ("-" if v is None else f"{v:.{k}f}" for v, k in ((n["train_nn"], 4), (n["ratio"], 3)))
+        say(f"      {n['distance']:.4f}  {nn:>6}  {ratio:>5}  {n['limit']:.4f}  {n['file']}"
+            f"{'  NEAR COPY' if n['near_copy'] else ''}")
     if sheet:
         near_copies.contact_sheet(folder, [img], report).save(sheet)
         say(f"      contact sheet: {sheet}")
@@ -119,8 +123,10 @@ def main(argv=None) -> int:
     p.add_argument("image", help="a PNG saved by OboroSaveImage")
     p.add_argument("--dataset", action="append", default=[], metavar="DIR",
                    help="recompute this dataset folder's digest and say whether the image's models name it")
-    p.add_argument("--near-copies", metavar="DIR", help="the nearest training images in DIR, flagged under the threshold")
-    p.add_argument("--threshold", type=float, default=0.0, help="near-copy cosine distance (0: the default)")
+    p.add_argument("--near-copies", metavar="DIR", help="the nearest training images in DIR; fails on a near copy")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="near-copy cosine distance (0: the automatic rule, relative to the training set's own "
+                        "nearest-neighbour distances; docs/provenance.md)")
     p.add_argument("--sheet", metavar="PNG", help="with --near-copies: write the contact sheet here")
     p.add_argument("--json", action="store_true", help="print the record as JSON instead of the chain")
     a = p.parse_args(argv)

@@ -299,6 +299,41 @@ def test_near_copy_flags_low_denoise_img2img_not_a_different_image(server, setup
     assert rc == 1 and "NEAR COPY" in out and "t3.png" in out, out
 
 
+def test_near_copy_limit_follows_the_training_sets_own_spacing(tmp_path):
+    """No model needed: a 10 % crop of a training image lands 0.02 from it, beyond the fixed floor
+    (0.012) but well within 0.08 x its distance to its nearest other training image (0.5-0.9 here):
+    flagged by the relative part. A different image is not; a fixed threshold replaces the rule."""
+    from oboro.demo.near_dups import crop10
+    from oboro.oboro_model import near_copies
+    for i in range(8):
+        shape_image(i).save(tmp_path / f"t{i}.png")
+    crops = [crop10(shape_image(0)), crop10(shape_image(1))]
+    report = near_copies.check(tmp_path, crops + [shape_image(42)])
+    rule = report["rule"]
+    assert rule == near_copies.default_rule(clip=False) and report["threshold"] is None
+    for row, src in zip(report["images"], ("t0.png", "t1.png")):
+        assert row["near_copy"] and row["rule"] == "relative" and row["file"] == src, row
+        assert rule["floor"] < row["distance"] <= row["limit"], row
+        assert row["limit"] == pytest.approx(min(rule["cap"], rule["ratio"] * row["train_nn"]), abs=1e-5)
+        assert row["ratio"] == pytest.approx(row["distance"] / row["train_nn"], rel=1e-3)
+    assert not report["images"][2]["near_copy"] and report["flagged"] == 2
+    # Only the nearest training image is judged (near_copies.check says why): the same verdicts as
+    # judging every training image, here for the edits of issue 15 on every training image.
+    from oboro.demo.near_dups import EDITS
+    from oboro.oboro_model.data.dedup import hash_embedding
+    queries = [edit(shape_image(i)) for edit in EDITS for i in range(8)] + [shape_image(42)]
+    train = near_copies._unit(np.stack([hash_embedding(shape_image(i)) for i in range(8)]))
+    pair = 1.0 - train @ train.T
+    np.fill_diagonal(pair, np.inf)
+    limits = np.minimum(rule["cap"], np.maximum(rule["floor"], rule["ratio"] * pair.min(1)))
+    for q, row in zip(queries, near_copies.check(tmp_path, queries)["images"]):
+        d = 1.0 - train @ near_copies._unit(hash_embedding(q))
+        assert row["near_copy"] == bool((d <= limits + 1e-9).any()), row
+    fixed = near_copies.check(tmp_path, crops, threshold=0.01)
+    assert fixed["rule"] == {"kind": "threshold", "threshold": 0.01} and fixed["flagged"] == 0
+    assert near_copies.check(tmp_path, crops, threshold=0.03)["images"][0]["rule"] == "threshold"
+
+
 def test_unsigned_embedded_save_says_so_once(comfy, caplog):
     """The real executor in this process, no certificate configured: the record is written, no
     manifest, and the log says once that images are unsigned."""
