@@ -14,9 +14,14 @@ its own progress lines:
 On a shared machine the figures move with the neighbours' load: --repeat runs the three modes in
 turn that many times and keeps each mode's best jobs/s and job s.
 
-Threads: embedded uses every CPU; Ray with 1 actor gives it every CPU, with 2 actors half each.
+Threads: every process runs torch on --threads threads (default 1: OMP_NUM_THREADS, which Ray
+passes on to its actors), so "ray-1-actor" vs "embedded" is Ray's own cost at equal compute and
+"ray-2-actors" vs "embedded" is what a second actor buys. --kill adds a run with 2 actors where
+the bench kills one (SIGKILL by PID, as tests/test_runner_farm.py) when it is handed its job after
+the 3rd finished, on --kill-jobs jobs (long enough for Ray to bring the actor back): it prints the
+retried jobs, ledger lines, distinct job ids, images, failures and seconds until the actor rejoined.
 
-  .venv/bin/python bench/runner_scale.py [--jobs 24] [--steps 4] [--size 64] [--repeat 2] [--kill]
+  .venv/bin/python bench/runner_scale.py [--jobs 24] [--steps 4] [--size 64] [--threads 1] [--repeat 2] [--kill]
 """
 from __future__ import annotations
 
@@ -48,16 +53,17 @@ def tiny_models(work: Path) -> Path:
     return root
 
 
-def run_mode(name: str, extra: list[str], a, models: Path, kill_after: int = 0) -> dict:
+def run_mode(name: str, extra: list[str], a, models: Path, kill_after: int = 0, jobs: int = 0) -> dict:
     """kill_after: SIGKILL the Ray actor handed a job once that many jobs are done (by its PID, as
     tests/test_runner_farm.py does), and time until Ray has it back."""
-    out = Path(a.work) / name
+    out, jobs = Path(a.work) / name, jobs or a.jobs
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(RUN), str(WF), "--models", str(models), "--seeds", f"0:{a.jobs}", "--cpu",
+    cmd = [sys.executable, str(RUN), str(WF), "--models", str(models), "--seeds", f"0:{jobs}", "--cpu",
            "--set", f"OboroSampler.steps={a.steps}", "--set", f"EmptyOboroLatentImage.width={a.size}",
            "--set", f"EmptyOboroLatentImage.height={a.size}", "--out", str(out), *extra]
     t0, done = time.monotonic(), []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
     tail, killed, rejoined = [], None, None
     for line in proc.stderr:
         tail = (tail + [line])[-20:]
@@ -69,7 +75,7 @@ def run_mode(name: str, extra: list[str], a, models: Path, kill_after: int = 0) 
             killed = time.monotonic()
         if killed and rejoined is None and "Ray actor restarted" in line:
             rejoined = time.monotonic()
-    if proc.wait() != 0 or len(done) != a.jobs:
+    if proc.wait() != 0 or len(done) != jobs:
         sys.exit(f"{name} failed:\n{''.join(tail)}")
     log = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     row = {"mode": name, "startup_s": done[0] - t0, "jobs_per_s": (len(done) - 1) / (done[-1] - done[0]),
@@ -90,13 +96,15 @@ def main():
     p.add_argument("--models", help="model root (default: the tiny test models, made once in --work)")
     p.add_argument("--work", default="/tmp/oboro_runner_scale")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default %(default)s)")
+    p.add_argument("--kill-jobs", type=int, default=80, help="jobs of the --kill run (default %(default)s)")
     p.add_argument("--kill", action="store_true", help="also: 2 actors, one killed mid-job after 3 jobs (fault row)")
     a = p.parse_args()
     Path(a.work).mkdir(parents=True, exist_ok=True)
     models = Path(a.models) if a.models else tiny_models(Path(a.work))
     cpus, load0 = os.cpu_count() or 1, os.getloadavg()[0]
     modes = {"embedded": [], "ray-1-actor": ["--ray", "--cpus-per-worker", str(cpus)],
-             "ray-2-actors": ["--ray", "--cpus-per-worker", str(cpus / 2)]}
+             "ray-2-actors": ["--ray", "--cpus-per-worker", str(cpus / 2)]}  # local Ray: all CPUs
     best = {}
     for _ in range(a.repeat):
         for name, extra in modes.items():
@@ -106,9 +114,9 @@ def main():
                                               "startup_s": min(r["startup_s"], b["startup_s"])}
     rows = list(best.values())
     if a.kill:
-        rows.append(run_mode("ray-2-kill-1", modes["ray-2-actors"], a, models, kill_after=3))
+        rows.append(run_mode("ray-2-kill-1", modes["ray-2-actors"], a, models, kill_after=3, jobs=a.kill_jobs))
     base = rows[0]
-    print(f"{a.jobs} jobs, {a.steps} steps, {a.size}x{a.size} px, {cpus} CPU(s), best of {a.repeat}; load average "
+    print(f"{a.jobs} jobs, {a.steps} steps, {a.threads} thread(s) per process, {a.size}x{a.size} px, {cpus} CPU(s), best of {a.repeat}; load average "
           f"before {load0:.1f}, after {os.getloadavg()[0]:.1f} (other users of the machine skew every figure)")
     print(f"{'mode':14} {'start-up s':>10} {'jobs/s':>8} {'x embedded':>10} {'job s':>7} {'overhead ms':>11} {'wall s':>7}")
     for r in rows:

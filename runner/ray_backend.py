@@ -34,6 +34,8 @@ from .convert import WorkflowError
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_PREFIX = "oboro-ray-"
+PING_S = 1.0     # how often to ask whether a restarting actor is back
+REJOIN_S = 600   # then it is left out (e.g. its node is gone and no other has room)
 
 
 def model_key(prompt: dict) -> tuple:
@@ -221,6 +223,7 @@ class RayFarm:
         queue, alive = Queue(jobs), list(self.actors)
         idle, loaded = list(alive), dict.fromkeys(alive)
         running, rejoining = {}, {}  # ref -> (actor, job, t0) / ref -> actor
+        down = {}  # actor -> (when it died, when to ask again whether it is back)
         reasons = collections.defaultdict(list)
         bar = Throughput(len(jobs), self.names)
         failed = 0
@@ -232,23 +235,38 @@ class RayFarm:
                     loaded[actor] = model_key(job.prompt)
                     progress.begin(job, job.prompt, where=f" on {self.names[actor]}")
                     running[actor.run.remote(job.prompt, job.ui)] = (actor, job, time.monotonic())
-                if not running and not rejoining:
+                now = time.monotonic()
+                for actor, (since, at) in list(down.items()):
+                    if at <= now:  # one question in flight per actor
+                        rejoining[actor.info.remote()] = actor
+                        down[actor] = (since, float("inf"))
+                if not running and not down:
                     for job in queue.drain():
                         failed += 1
                         self._failed(out, progress, job, 0, reasons[job.index] + ["no Ray actor left to run it"])
                     break
-                ref = ray.wait(list(running) + list(rejoining), num_returns=1)[0][0]
+                if not running and not rejoining:
+                    time.sleep(PING_S)
+                    continue
+                ready = ray.wait(list(running) + list(rejoining), num_returns=1, timeout=PING_S)[0]
+                if not ready:
+                    continue
+                ref = ready[0]
                 if ref in rejoining:
                     actor = rejoining.pop(ref)
                     try:
                         info = ray.get(ref)
                         self.names[actor], self.pids[actor], loaded[actor] = _name(info), info["pid"], None
-                        print(f"oboro-run: Ray actor restarted as {self.names[actor]}", file=sys.stderr)
+                        print(f"oboro-run: Ray actor restarted as {self.names[actor]} after "
+                              f"{time.monotonic() - down.pop(actor)[0]:.1f}s", file=sys.stderr)
                         idle.append(actor)
+                    except ray.exceptions.ActorUnavailableError:  # restarting: ComfyUI is loading
+                        since = down[actor][0]
+                        down[actor] = (since, time.monotonic() + PING_S)
+                        if time.monotonic() - since > REJOIN_S:
+                            self._leave_out(actor, alive, down, f"not back after {REJOIN_S}s")
                     except ray.exceptions.RayError as e:
-                        alive.remove(actor)
-                        print(f"oboro-run: leaving out a Ray actor that could not restart: {_reason(e)}",
-                              file=sys.stderr)
+                        self._leave_out(actor, alive, down, _reason(e))
                     continue
                 actor, job, t0 = running.pop(ref)
                 tries = len(reasons[job.index]) + 1
@@ -258,7 +276,7 @@ class RayFarm:
                     result = {"error": _reason(e)}
                 except ray.exceptions.RayError as e:  # the actor, its process or its node is gone
                     reasons[job.index].append(f"{self.names[actor]} died mid-job: {_reason(e)}")
-                    rejoining[actor.info.remote()] = actor
+                    down[actor] = (time.monotonic(), time.monotonic())  # ask at once: it waits for the restart
                     if tries <= self.retries:
                         progress.say(job, f"{self.names[actor]} died; retrying on another actor")
                         queue.put_back(job)
@@ -290,6 +308,12 @@ class RayFarm:
                     pass
             raise
         return failed
+
+    @staticmethod
+    def _leave_out(actor, alive, down, why):
+        alive.remove(actor)
+        down.pop(actor, None)
+        print(f"oboro-run: leaving out a Ray actor that did not come back: {why}", file=sys.stderr)
 
     def _failed(self, out, progress, job, tries, why, seconds=0.0):
         msg = "; ".join(why) + (f" (gave up after {tries} attempt(s), --retries {self.retries})" if tries else "")
