@@ -209,15 +209,15 @@ def check_flags(opts) -> None:
 
 
 @contextlib.contextmanager
-def claim(out, what: str, shard=None, shared: bool = False):
+def claim(out, what: str, shard=None, shared: bool = False, record: bool = True):
     """Hold --out's write lock (one writer per folder; shards share it and each holds its own too,
     shards.py); a held lock is a WorkflowError (exit 2)."""
     from ..oboro_model.folder_lock import FolderBusy, folder_lock
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(folder_lock(out, what, shared=shared or shard is not None))
+            stack.enter_context(folder_lock(out, what, shared=shared or shard is not None, record=record))
             if shard is not None:
-                stack.enter_context(folder_lock(out, what, name=shard.lock))
+                stack.enter_context(folder_lock(out, what, name=shard.lock, record=record))
             yield
     except FolderBusy as e:
         raise WorkflowError(f"--out {out}: {e}; nothing was changed there") from None
@@ -227,7 +227,7 @@ def probe_lock(out, shard=None) -> None:
     """Fail fast, before ComfyUI loads, when another run holds --out (creates nothing)."""
     from ..oboro_model.folder_lock import LOCK_NAME
     if (Path(out) / LOCK_NAME).is_file() or (shard and (Path(out) / shard.lock).is_file()):
-        with claim(out, "oboro-run (checking the folder is free)", shard):
+        with claim(out, "oboro-run (checking the folder is free)", shard, record=False):
             pass
 
 

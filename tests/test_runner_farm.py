@@ -2,7 +2,9 @@
 on the tiny models) gives the embedded runner's images pixel for pixel, and an actor killed by PID
 mid-batch costs nothing: its job is retried on the other actor and every job is in the ledger and
 in --out exactly once. `--shard 0/2` and `1/2`, run as two processes on one --out, cover the batch
-exactly once and equal the unsharded run. All runs are the real CLI in a subprocess."""
+exactly once and equal the unsharded run. A job that fails by itself is not retried; --resume
+after a kill between an image and its ledger line leaves one image; --merge-ledger takes a killed
+shard's lines once. All runs are the real CLI in a subprocess."""
 import json
 import os
 import re
@@ -103,6 +105,29 @@ def test_ray_two_actors_equal_embedded_and_a_killed_actor_is_retried(model_root,
     assert sorted(stdout.split()) == sorted(str(out / n) for n in pngs(out))
 
 
+def test_ray_a_job_failing_by_itself_is_recorded_once_and_not_retried(model_root, tmp_path):
+    """img2img on one actor, the middle batch row's image a corrupt file: ComfyUI fails that job
+    while running it (validation passes: the file exists); it is recorded failed after one attempt,
+    the rows around it run, exit 1."""
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(good)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"LoadImage.image": str(p)}) + "\n" for p in (good, bad, good)))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(RUN), str(REPO / "example_workflows" / "oboro_img2img.json"),
+                        "--models", str(model_root), "--batch", str(rows), "--set", "OboroSampler.steps=1",
+                        "--set", "ImageScale.width=32", "--set", "ImageScale.height=32", "--out", str(out), *CPU,
+                        "--ray", "--cpus-per-worker", str(os.cpu_count() or 1)],
+                       capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
+    assert r.returncode == 1, r.stderr
+    log = sorted(ledger(out), key=lambda j: j["job"])
+    assert [j["job"] for j in log] == [0, 1, 2] and [j["attempts"] for j in log] == [1, 1, 1]
+    assert "LoadImage" in log[1]["error"] and "retried" not in log[1] and log[1]["outputs"] == []
+    assert "error" not in log[0] and "error" not in log[2] and len(list(out.glob("*.png"))) == 2
+    assert "retrying" not in r.stderr and "starting 1 Ray actor(s)" in r.stderr
+
+
 def test_two_shards_as_two_processes_equal_the_unsharded_run(model_root, reference, tmp_path):
     out = tmp_path / "shared"
     procs = [subprocess.Popen(command(model_root, out, "--shard", f"{i}/2"), stdout=subprocess.PIPE,
@@ -133,6 +158,22 @@ def test_resume_after_a_kill_between_the_image_and_its_line_leaves_one_image(mod
     assert "11 of 12 job(s) already done" in r.stderr
     assert ledger(out)[-1]["outputs"] == last["outputs"] and ledger(out)[-1]["job"] == last["job"]
     assert_same_batch(out, reference)
+
+
+def test_a_running_shard_keeps_its_twin_and_plain_runs_out(tmp_path):
+    """While shard 0/2 holds --out (shared) and its own lock, the same shard again and a plain run
+    on that folder exit 2 naming the holder, before ComfyUI loads, and change nothing."""
+    from oboro.oboro_model.folder_lock import folder_lock
+    out = tmp_path / "out"
+    holder = "oboro-run wf.json (6 job(s), shard-0-of-2)"
+    with folder_lock(out, holder, shared=True), folder_lock(out, holder, name=".oboro-shard-0-of-2.lock"):
+        before = sorted(p.name for p in out.iterdir())
+        for extra in (["--shard", "0/2"], []):
+            r = subprocess.run([sys.executable, str(RUN), str(WF), "--out", str(out), "--comfyui", str(tmp_path / "none"),
+                                *extra], capture_output=True, text=True, timeout=60, cwd=REPO)
+            assert r.returncode == 2, r.stderr
+            assert f"--out {out}: {out} is being written by {holder} (host" in r.stderr and "Traceback" not in r.stderr
+        assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_merge_ledger_takes_a_killed_shards_lines_once(tmp_path):
