@@ -199,6 +199,8 @@ def what(opts, total: int, shard=None) -> str:
 
 
 def check_flags(opts) -> None:
+    if opts.workflow is None and opts.ray and opts.ray.lower().endswith(".json"):
+        opts.workflow, opts.ray = opts.ray, "local"  # `--ray wf.json`: argparse gave the workflow to --ray
     if opts.workflow is None:
         raise WorkflowError("the workflow .json is missing (only --merge-ledger runs without one)")
     if opts.ray and opts.server:

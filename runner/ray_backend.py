@@ -83,6 +83,8 @@ class Worker:
 
     def __init__(self, opts: dict):
         from .local import Embedded
+        if Path(opts["cwd"]).is_dir():  # relative paths in the jobs (LoadImage...) mean what they do for the driver
+            os.chdir(opts["cwd"])
         _remove_stale_temp()
         self.backend = Embedded(SimpleNamespace(**opts))
         self.tmp = Path(tempfile.gettempdir()) / f"{TMP_PREFIX}{os.getpid()}"
@@ -189,8 +191,8 @@ class RayFarm:
             count, need = gpus, {"num_gpus": 1, "num_cpus": 1}
         else:
             count, need = max(1, int(res.get("CPU", 1) // opts.cpus_per_worker)), {"num_cpus": opts.cpus_per_worker}
-        worker_opts = {"comfyui": opts.comfyui, "models": [str(Path(d).resolve()) for d in opts.models],
-                       "cpu": not gpus, "verbose": opts.verbose}
+        worker_opts = {"comfyui": opts.comfyui and str(Path(opts.comfyui).resolve()), "cwd": os.getcwd(),
+                       "models": [str(Path(d).resolve()) for d in opts.models], "cpu": not gpus, "verbose": opts.verbose}
         actor = ray.remote(Worker).options(max_restarts=max(1, opts.retries), max_task_retries=0, **need)
         print(f"oboro-run: starting {count} Ray actor(s) ({'1 GPU' if gpus else f'{opts.cpus_per_worker:g} CPU'} "
               "each), each loading ComfyUI", file=sys.stderr)
