@@ -203,6 +203,9 @@ def check_flags(opts) -> None:
         opts.workflow, opts.ray = opts.ray, "local"  # `--ray wf.json`: argparse gave the workflow to --ray
     if opts.workflow is None:
         raise WorkflowError("the workflow .json is missing (only --merge-ledger runs without one)")
+    if opts.merge_ledger:
+        raise WorkflowError(f"--merge-ledger runs alone (oboro-run --merge-ledger --out DIR), not with the "
+                            f"workflow {opts.workflow}: shards merge their own ledgers when they end")
     if opts.ray and opts.server:
         raise WorkflowError("--ray and --server: pick one backend")
     if opts.cpus_per_worker <= 0 or opts.retries < 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import sys
@@ -125,7 +126,6 @@ def merge(out, mine: Shard | None = None) -> tuple[int, list[str]]:
 
 
 def _complete(line: str) -> bool:
-    import json
     try:
         return isinstance(json.loads(line), dict)
     except ValueError:
