@@ -33,24 +33,29 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder, what: str) -> Iterator[Path]:
+def folder_lock(folder, what: str, name: str = LOCK_NAME, shared: bool = False,
+                record: bool = True) -> Iterator[Path]:
     """Hold `folder`'s write lock for the body (the folder is created if missing). Raises FolderBusy
     at once, changing nothing, when another writer holds it. Re-entrant within one process is NOT
-    supported: take each folder's lock once, at the top of the run that writes it."""
+    supported: take each folder's lock once, at the top of the run that writes it.
+    `shared`: several cooperating writers at once (oboro-run's shards, each also holding its own
+    `name`d lock), while a plain writer still gets FolderBusy. `record=False`: a probe that only
+    checks the folder is free leaves the holder's record as it is."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
+    path = folder / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FolderBusy(f"{folder} is being written by {_holder(path)}; wait for it to finish or pick "
                              "another name") from None
-        info = {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        if record:
+            info = {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
         yield folder
     finally:
         os.close(fd)  # closing the descriptor releases the flock

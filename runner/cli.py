@@ -1,7 +1,9 @@
 """`oboro-run`: run a saved ComfyUI workflow headless, one job per batch row / seed.
 
 Embedded by default (ComfyUI's own validator and PromptExecutor in this process, core nodes and
-ours); `--server URL` (repeatable) sends the jobs to running ComfyUI servers instead (remote.py).
+ours); `--server URL` (repeatable) sends the jobs to running ComfyUI servers instead (remote.py),
+`--ray` to Ray actors that each keep an embedded ComfyUI (ray_backend.py); `--shard I/N` runs one of
+N slices of the batch, for array jobs (shards.py).
 Every job is checked before any runs (ours, then ComfyUI's own validator, also with --check):
 problems exit with code 2, name each problem (and the job, row and seed when not every job has it)
 and leave no files. One writer per --out: the batch holds the folder's lock
@@ -23,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ledger
+from . import ledger, shards
 from .convert import WorkflowError, check, combo_options, input_specs, is_ui, load, needed, to_api, ui_with_values
 from .output import Output, Progress
 
@@ -35,9 +37,14 @@ EPILOG = """examples:
   oboro-run example_workflows/oboro_img2img.json --set LoadImage.image=/abs/path/photo.png --set 9.denoise=0.5
   oboro-run example_workflows/oboro_txt2img.json --seeds 0:100 --server http://gpu1:8188 --server http://gpu2:8188
   oboro-run example_workflows/oboro_txt2img.json --check --models /data/models
+  oboro-run example_workflows/oboro_txt2img.json --seeds 0:1000 --ray --out out/          (local Ray: one actor per GPU)
+  oboro-run example_workflows/oboro_txt2img.json --seeds 0:1000 --ray head:6379 --out /shared/out
+  oboro-run example_workflows/oboro_txt2img.json --seeds 0:1000 --shard $SLURM_ARRAY_TASK_ID/8 --out /shared/out
+  oboro-run --merge-ledger --out /shared/out      (the ledgers of shards that were killed)
 NODE is a node id, or a node title or type when only one node has it. Values are JSON when they
 parse (numbers, true/false) and strings otherwise. --batch rows map "NODE.input" to a value (CSV
 header row / JSON lines); an empty CSV cell leaves that input as it is.
+--ray and --shard: docs/runner.md ("Farm scale").
 exit codes: 0 done, 1 some job failed while running, 2 invalid workflow/arguments (nothing run)."""
 
 
@@ -68,7 +75,8 @@ class Job:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="oboro-run", epilog=EPILOG, description="Run a saved ComfyUI workflow (UI or "
                                 "API format) headless.", formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workflow", help="workflow .json, as saved by ComfyUI (UI format) or exported (API format)")
+    p.add_argument("workflow", nargs="?",
+                   help="workflow .json, as saved by ComfyUI (UI format) or exported (API format)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.input=value",
                    help="override an input of every job (repeatable)")
     p.add_argument("--batch", metavar="ROWS", help="rows.csv or rows.jsonl: one job per row of overrides")
@@ -79,6 +87,19 @@ def parse_args(argv):
                    help="extra model root with subfolders diffusion_models, text_encoders, vae, loras... (repeatable)")
     p.add_argument("--server", action="append", default=[], metavar="URL",
                    help="run on this ComfyUI server instead of in-process (repeatable: jobs are shared out)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray actors, each an embedded ComfyUI keeping its models loaded: a local Ray "
+                        "without ADDRESS, else the cluster at ADDRESS (host:port, ray://host:10001, auto)")
+    p.add_argument("--cpus-per-worker", type=float, default=1, metavar="N",
+                   help="--ray on CPU (no GPU, or --cpu): CPUs per actor, which sets the actor count "
+                        "(default: %(default)s); with GPUs there is one actor per GPU")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="--ray: times a job is retried on another actor after its actor died mid-job "
+                        "(default: %(default)s); a job that fails by itself is never retried")
+    p.add_argument("--shard", metavar="I/N", help="run only the I-th of N deterministic slices of the batch "
+                   "(jobs k with k mod N == I); shards share --out and merge their ledgers into runs.jsonl")
+    p.add_argument("--merge-ledger", action="store_true",
+                   help="merge the ledgers of finished or killed shards in --out into runs.jsonl (no workflow)")
     p.add_argument("--resume", action="store_true",
                    help="skip jobs that --out's runs.jsonl records as done (the same prompt after --set, batch "
                         "row and seed, and its files still there), e.g. after the server died mid-batch")
@@ -108,8 +129,12 @@ def main(argv=None) -> int:
 
 def run(opts, stdout) -> int:
     check_out_dir(opts.out)  # before ComfyUI loads: a wrong --out should not cost a start-up
+    if opts.merge_ledger and opts.workflow is None:
+        return shards.merge_command(opts.out)
+    check_flags(opts)
+    shard = shards.parse(opts.shard) if opts.shard else None
     if not opts.check:
-        probe_lock(opts.out)
+        probe_lock(opts.out, shard)
     doc = load(opts.workflow)
     sets = {k: v for k, v in (parse_set(s) for s in opts.sets)}
     rows = load_rows(opts.batch) if opts.batch else [{}]
@@ -120,9 +145,19 @@ def run(opts, stdout) -> int:
             if given:
                 print(f"oboro-run: warning: {flag} is ignored with --server (servers use their own)", file=sys.stderr)
         backend = Farm(opts.server)
+    elif opts.ray:
+        from .ray_backend import RayFarm
+        backend = RayFarm(opts)
     else:
         from .local import Embedded
         backend = Embedded(opts)
+    try:
+        return run_jobs(opts, stdout, backend, doc, sets, rows, seeds, shard)
+    finally:
+        getattr(backend, "close", lambda: None)()  # Ray: the actors, and a local Ray we started
+
+
+def run_jobs(opts, stdout, backend, doc, sets, rows, seeds, shard) -> int:
     if is_ui(doc):  # converted with the live node definitions
         defs = backend.node_defs({n.get("type") for n in doc["nodes"]})
         base = to_api(doc, defs)
@@ -134,43 +169,70 @@ def run(opts, stdout) -> int:
     if opts.check:
         print(f"oboro-run: ok: {len(jobs)} job(s) valid", file=sys.stderr)
         return 0
+    batch = len(jobs)
+    if shard:
+        jobs = shards.select(jobs, shard)
     if is_ui(doc):
         for job in jobs:
             job.ui = ui_with_values(doc, job.prompt, defs)
     total = len(jobs)
-    with claim(opts.out, what(opts, total)):
-        Output.remove_stale(opts.out)
+    with claim(opts.out, what(opts, total, shard), shard=shard):
+        Output.remove_stale(opts.out, (shard.prefix,)) if shard else Output.remove_stale(opts.out)
         if opts.resume:
             jobs = ledger.skip_done(jobs, opts.out)
-        progress = Progress(total)
-        with Output(opts.out) as out:
-            failed = backend.run(jobs, out, progress)
+        progress = Progress(total, batch)
+        kind = {"ledger": shard.ledger, "prefix": shard.prefix} if shard else {}
+        try:
+            with Output(opts.out, **kind) as out:
+                failed = backend.run(jobs, out, progress)
+        finally:
+            if shard:  # also after Ctrl-C or a failed job: what is done counts
+                shards.merge(opts.out, shard)
     for path in out.saved:
         print(path, file=stdout)
     progress.done(failed, out)
     return 1 if failed else 0
 
 
-def what(opts, total: int) -> str:
-    return f"oboro-run {Path(opts.workflow).name} ({total} job(s))"
+def what(opts, total: int, shard=None) -> str:
+    return f"oboro-run {Path(opts.workflow).name} ({total} job(s){f', {shard.name}' if shard else ''})"
+
+
+def check_flags(opts) -> None:
+    if opts.workflow is None and opts.ray and opts.ray.lower().endswith(".json"):
+        opts.workflow, opts.ray = opts.ray, "local"  # `--ray wf.json`: argparse gave the workflow to --ray
+    if opts.workflow is None:
+        raise WorkflowError("the workflow .json is missing (only --merge-ledger runs without one)")
+    if opts.merge_ledger:
+        raise WorkflowError(f"--merge-ledger runs alone (oboro-run --merge-ledger --out DIR), not with the "
+                            f"workflow {opts.workflow}: shards merge their own ledgers when they end")
+    if opts.ray and opts.server:
+        raise WorkflowError("--ray and --server: pick one backend")
+    if opts.cpus_per_worker <= 0 or opts.retries < 0:
+        raise WorkflowError(f"--cpus-per-worker {opts.cpus_per_worker} / --retries {opts.retries}: expected "
+                            "a positive number of CPUs and retries >= 0")
 
 
 @contextlib.contextmanager
-def claim(out, what: str):
-    """Hold --out's write lock (one writer per folder); a held lock is a WorkflowError (exit 2)."""
+def claim(out, what: str, shard=None, shared: bool = False, record: bool = True):
+    """Hold --out's write lock (one writer per folder; shards share it and each holds its own too,
+    shards.py); a held lock is a WorkflowError (exit 2)."""
     from ..oboro_model.folder_lock import FolderBusy, folder_lock
     try:
-        with folder_lock(out, what):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(folder_lock(out, what, shared=shared or shard is not None, record=record))
+            if shard is not None:
+                stack.enter_context(folder_lock(out, what, name=shard.lock, record=record))
             yield
     except FolderBusy as e:
         raise WorkflowError(f"--out {out}: {e}; nothing was changed there") from None
 
 
-def probe_lock(out) -> None:
+def probe_lock(out, shard=None) -> None:
     """Fail fast, before ComfyUI loads, when another run holds --out (creates nothing)."""
     from ..oboro_model.folder_lock import LOCK_NAME
-    if (Path(out) / LOCK_NAME).is_file():
-        with claim(out, "oboro-run (checking the folder is free)"):
+    if (Path(out) / LOCK_NAME).is_file() or (shard and (Path(out) / shard.lock).is_file()):
+        with claim(out, "oboro-run (checking the folder is free)", shard, record=False):
             pass
 
 

@@ -94,11 +94,16 @@ def job_stem(index: int, seed, text: str) -> str:
     return "-".join(parts)
 
 
+SHARD_LEDGERS = "runs.shard-*.jsonl"  # shards.py: one per running --shard, merged into LEDGER
+
+
 def read(out) -> list[dict]:
-    """The complete JSON lines of `out`'s ledger (a line cut by a crash is left out)."""
-    log = Path(out) / LEDGER
+    """The complete JSON lines of `out`'s ledger and of its shards' ledgers not merged yet (a line
+    cut by a crash is left out)."""
     records = []
-    if log.is_file():
+    for log in [Path(out) / LEDGER, *sorted(Path(out).glob(SHARD_LEDGERS))]:
+        if not log.is_file():
+            continue
         for line in log.read_text(encoding="utf-8").splitlines():
             try:
                 r = json.loads(line)

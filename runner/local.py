@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -104,36 +105,57 @@ class Embedded:
             logging.disable(logging.NOTSET)
         return msgs
 
-    def run(self, jobs, out, progress) -> int:
-        import comfy.model_management
-        import comfy.utils
-        import execution
-        import folder_paths
-        comfy_out = out.tmp / "comfy-output"
-        folder_paths.set_output_directory(str(comfy_out))
-        folder_paths.set_temp_directory(str(out.tmp / "comfy-temp"))
-        server = self.embedded.HeadlessServer(on_event=progress.event)
-        comfy.utils.PROGRESS_BAR_ENABLED = self.verbose  # our own step lines instead of tqdm bars
-        executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
-                                            cache_args={"lru": 0, "ram": 0})
+    def session(self, tmp: Path, on_event=None, on_step=None) -> "Session":
+        return Session(self.embedded, tmp, on_event, on_step, self.verbose)
 
-        def hook(value, total, preview, prompt_id=None, node_id=None):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            progress.step(value, total)
-        comfy.utils.set_progress_bar_global_hook(hook)
+    def run(self, jobs, out, progress) -> int:
+        session = self.session(out.tmp, on_event=progress.event, on_step=progress.step)
         failed = 0
         for job in jobs:
             progress.begin(job, job.prompt)
             t0 = time.monotonic()
             try:
-                result = self.embedded.run(job.prompt, server, executor, client_id="oboro-run", workflow=job.ui)
-                files = [(comfy_out / it["subfolder"] / it["filename"], it["subfolder"], it["filename"])
-                         for it in output_items(result.get("outputs", {}))]
+                files = session.execute(job.prompt, job.ui)
                 progress.finished(job, out.commit(job, files, time.monotonic() - t0))
             except self.embedded.GraphError as e:
                 failed += 1
                 out.commit(job, [], time.monotonic() - t0, error=str(e))
                 progress.failed(job, str(e))
             finally:
-                out.clear(comfy_out)  # whatever a failed job left half-written
+                session.clear()  # whatever a failed job left half-written
         return failed
+
+
+class Session:
+    """One PromptExecutor for a whole batch, so nodes whose inputs did not change (the model
+    loaders) stay cached from job to job; ComfyUI writes into `tmp`. Shared by the embedded
+    backend and each Ray actor (ray_backend.py), so both run a job the same way."""
+
+    def __init__(self, embedded, tmp: Path, on_event=None, on_step=None, verbose=False):
+        import comfy.model_management
+        import comfy.utils
+        import execution
+        import folder_paths
+        self.embedded, self.comfy_out = embedded, Path(tmp) / "comfy-output"
+        folder_paths.set_output_directory(str(self.comfy_out))
+        folder_paths.set_temp_directory(str(Path(tmp) / "comfy-temp"))
+        self.server = embedded.HeadlessServer(on_event=on_event)
+        comfy.utils.PROGRESS_BAR_ENABLED = verbose  # our own step lines instead of tqdm bars
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+
+        def hook(value, total, preview, prompt_id=None, node_id=None):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if on_step:
+                on_step(value, total)
+        comfy.utils.set_progress_bar_global_hook(hook)
+
+    def execute(self, prompt: dict, ui: dict | None = None) -> list[tuple[Path, str, str]]:
+        """Run one job; its saved files as (path, subfolder, ComfyUI's filename). GraphError when
+        the job itself fails (validation or a node raising)."""
+        result = self.embedded.run(prompt, self.server, self.executor, client_id="oboro-run", workflow=ui)
+        return [(self.comfy_out / it["subfolder"] / it["filename"], it["subfolder"], it["filename"])
+                for it in output_items(result.get("outputs", {}))]
+
+    def clear(self) -> None:
+        shutil.rmtree(self.comfy_out, ignore_errors=True)

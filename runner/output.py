@@ -83,17 +83,18 @@ class Output:
     """The --out folder. Work happens in a hidden temp folder inside it (same file system, so
     moving a finished file in is an atomic rename); it is removed on exit, whatever happened."""
 
-    def __init__(self, path):
-        self.dir = Path(path)
+    def __init__(self, path, ledger: str = "runs.jsonl", prefix: str = ".oboro-run-"):
+        self.dir, self.log, self.prefix = Path(path), Path(path) / ledger, prefix  # a shard: its own (shards.py)
         self.saved: list[str] = []
         self.jobs = self.failed = 0
         self._lock = threading.Lock()
 
     @staticmethod
-    def remove_stale(path) -> list[Path]:
-        """Remove the temp folders of runs that were killed (only call while holding --out's lock:
-        then no other oboro-run can be using one)."""
-        stale = [p for p in Path(path).glob(".oboro-run-*") if p.is_dir()] if Path(path).is_dir() else []
+    def remove_stale(path, prefixes=(".oboro-run-", ".oboro-shard-")) -> list[Path]:
+        """Remove the temp folders of runs that were killed (only call while holding the lock that
+        keeps every other user of those `prefixes` out: --out's, or a shard's own)."""
+        stale = [p for pre in prefixes for p in Path(path).glob(pre + "*") if p.is_dir()] \
+            if Path(path).is_dir() else []
         for p in stale:
             shutil.rmtree(p, ignore_errors=True)
         if stale:
@@ -103,7 +104,7 @@ class Output:
 
     def __enter__(self):
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=".oboro-run-", dir=self.dir))
+        self.tmp = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.dir))
         return self
 
     def __exit__(self, *exc):
@@ -116,6 +117,21 @@ class Output:
     def clear(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
+    def _unrecorded_copy(self, path: Path, job) -> bool:
+        """Whether `path` is this job's own image from a run killed between moving it in and writing
+        its ledger line (PNG prompt chunk = the job's prompt, and no ledger line lists the file): the
+        rerun replaces it instead of adding `-1`, so --resume never leaves two images of one job."""
+        from . import ledger
+        try:
+            from PIL import Image
+            with Image.open(path) as im:
+                prompt = json.loads(im.text["prompt"])
+        except Exception:  # noqa: BLE001  (not a PNG of ours, no prompt chunk...: keep it)
+            return False
+        rel = path.relative_to(self.dir).as_posix()
+        return ledger.digest(prompt) == job.id and not any(rel in (r.get("outputs") or [])
+                                                           for r in ledger.read(self.dir))
+
     def commit(self, job, files, seconds: float, error: str | None = None, **extra) -> list[str]:
         """Move a job's finished files (src, subfolder, filename) into --out as
         under the names file_names gives and append its runs.jsonl line."""
@@ -124,7 +140,7 @@ class Output:
             for (src, _, _), (subfolder, name) in zip(files, file_names(job.stem, files)):
                 dest = self.dir / _relative(subfolder, name)
                 stem, n = dest, 0
-                while dest.exists():
+                while dest.exists() and not self._unrecorded_copy(dest, job):
                     n += 1
                     dest = stem.with_name(f"{stem.stem}-{n}{stem.suffix}")
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +154,7 @@ class Output:
                 record["provenance"] = prov
             if error is not None:
                 record["error"] = error.strip()
-            log = self.dir / "runs.jsonl"
+            log = self.log
             cut = log.is_file() and log.stat().st_size > 0 and _last_byte(log) != b"\n"
             with open(log, "a", encoding="utf-8") as f:  # after a line a crash cut short: a new line
                 f.write(("\n" if cut else "") + json.dumps(record, default=str) + "\n")  # one complete line per write
@@ -153,8 +169,10 @@ class Output:
 class Progress:
     """One line per event on stderr (a live step counter when stderr is a terminal)."""
 
-    def __init__(self, total: int):
-        self.total, self.t0 = total, time.monotonic()
+    def __init__(self, total: int, batch: int | None = None):
+        """`batch`: the whole batch's size when this process runs a slice of it (--shard): lines
+        are numbered by job number in the batch, [k/batch]."""
+        self.total, self.batch, self.t0 = total, batch or total, time.monotonic()
         self.tty = sys.stderr.isatty()
         self.job = self.prompt = None
         self.started: dict[int, float] = {}
@@ -163,7 +181,7 @@ class Progress:
     def say(self, job, msg: str, end="\n"):
         prefix = "\r\033[K" if self.tty else ""
         with self._lock:  # one write per line: workers of several servers print at once
-            sys.stderr.write(f"{prefix}[{job.index + 1}/{self.total}] {msg}{end}")
+            sys.stderr.write(f"{prefix}[{job.index + 1}/{self.batch}] {msg}{end}")
             sys.stderr.flush()
 
     def begin(self, job, prompt, where: str = ""):
@@ -195,4 +213,4 @@ class Progress:
 
     def done(self, failed: int, out: Output):
         print(f"oboro-run: {self.total - failed}/{self.total} job(s) done in {time.monotonic() - self.t0:.1f}s, "
-              f"{len(out.saved)} file(s) in {out.dir} (log: {out.dir / 'runs.jsonl'})", file=sys.stderr, flush=True)
+              f"{len(out.saved)} file(s) in {out.dir} (log: {out.log})", file=sys.stderr, flush=True)

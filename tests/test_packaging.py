@@ -107,3 +107,13 @@ def test_templates_folder_holds_templates_thumbnails_and_their_inputs():
             assert f.stat().st_size < 100_000, f"{f.name}: keep templates and thumbnails small"
             continue
         assert f.name in loaded and f.stat().st_size < 20_000, f"{f.name}: neither a template, its thumbnail, nor a small file one loads"
+
+
+def test_the_ray_extra_admits_the_ray_the_tests_run():
+    """`pip install comfyui-oboro[ray]` (oboro-run --ray) allows the release tests/test_runner_farm.py ran on."""
+    extra = [Requirement(r) for r in PROJECT["optional-dependencies"]["ray"]]
+    dev = [Requirement(x.split("#", 1)[0].strip()) for x in (REPO / "requirements-dev.txt").read_text().splitlines()
+           if x.split("#", 1)[0].strip().startswith("ray")]
+    assert [r.name for r in extra] == ["ray"] and len(dev) == 1, (extra, dev)
+    assert extra[0].specifier.contains(metadata.version("ray")) and extra[0].specifier.contains(
+        next(iter(dev[0].specifier)).version)
