@@ -202,7 +202,6 @@ class RayFarm:
         except ray.exceptions.RayError as e:
             raise WorkflowError(f"--ray: an actor failed to start: {_reason(e)}") from None
         self.names = {a: _name(i) for a, i in zip(self.actors, infos)}
-        self.pids = {a: i["pid"] for a, i in zip(self.actors, infos)}
         self.folders = Folders(ray, self.actors[0])
         self._defs = {}
 
@@ -258,7 +257,7 @@ class RayFarm:
                     actor = rejoining.pop(ref)
                     try:
                         info = ray.get(ref)
-                        self.names[actor], self.pids[actor], loaded[actor] = _name(info), info["pid"], None
+                        self.names[actor], loaded[actor] = _name(info), None
                         print(f"oboro-run: Ray actor restarted as {self.names[actor]} after "
                               f"{time.monotonic() - down.pop(actor)[0]:.1f}s", file=sys.stderr)
                         idle.append(actor)

@@ -50,8 +50,6 @@ def keep_current(doc: dict, current_path: Path, rebuilt: tuple) -> None:
     """The nodes this script does not rebuild (loaders, cache, save nodes, note) keep what the
     current file has: widget values added since the legacy copy (e.g. the cache's require_licence),
     model metadata (properties.models, read by the frontend's missing-models dialog), notes' text."""
-    if not current_path.exists():
-        return
     current = {(n["id"], n["type"]): n for n in json.loads(current_path.read_text())["nodes"]}
     for n in doc["nodes"]:
         cur = current.get((n["id"], n["type"]))
@@ -91,15 +89,6 @@ def convert_template(name: str, kind: str, defs) -> None:
     opts["outputs"][0]["links"] = [link_id]
     doc["nodes"] = [node if n["id"] == int(old_id) else n for n in doc["nodes"]] + [opts]
     doc["links"], doc["last_link_id"], doc["last_node_id"] = links, link_id, opt_id
-    for n in doc["nodes"]:
-        if n["type"] == "OboroCacheLatents" and n["widgets_values"][0] == "input/oboro_dataset":
-            n["widgets_values"][0] = "oboro_dataset"  # plain names are looked up in ComfyUI's input folder
-        if n["type"] == "MarkdownNote":
-            n["widgets_values"][0] = n["widgets_values"][0].replace(
-                "To start over, pick a new `output_name` or clear `resume_from`.",
-                "It continues only the same run (same images, model and settings); with anything changed it "
-                "starts fresh beside the old run and says so. Cancel keeps the work: queue again to resume. "
-                "More settings: the **oboro Training Options** node (and **oboro Training Data**).")
     keep_current(doc, REPO / "example_workflows" / f"{name}.json", (trainer, "OboroTrainingOptions"))
     (REPO / "example_workflows" / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     (REPO / "workflows" / "api" / f"{name}.api.json").write_text(json.dumps(convert.to_api(doc, defs), indent=1) + "\n")
